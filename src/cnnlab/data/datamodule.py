@@ -1,0 +1,200 @@
+"""The DataModule shared by MNIST and CIFAR-10: files -> uint8 tensors -> splits -> loaders.
+
+Two loader paths give the same batches in distribution: `tensor` (the dataset held once as a uint8 tensor on the
+training device, batches transformed there; the default) and `torchvision` (a Dataset with per-image torchvision
+transforms behind a DataLoader; the general path and the reference the tensor path is tested against).
+"""
+
+import hashlib
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from cnnlab.data.tensor_loader import BatchTransform, EpochSampler, TensorLoader
+from cnnlab.errors import UserError
+
+LOADERS = ("tensor", "torchvision")
+
+
+class ImageTensorDataset(Dataset):
+    """Images held as a uint8 N x C x H x W tensor, served one PIL image at a time through torchvision transforms."""
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: transforms.Compose) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        array = self.images[i].permute(1, 2, 0).numpy()  # (C, H, W) -> (H, W, C)
+        image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+        return self.transform(image), int(self.labels[i])
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Holds a dataset's train/val/test splits and serves them through the tensor or the torchvision path.
+
+    Subclasses name their files and read them; everything else (splits, transforms, loaders) lives here.
+    """
+
+    name = "images"
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 128,
+        eval_batch_size: int = 1024,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        seed: int = 0,
+        loader: str = "tensor",
+        num_workers: int = 0,
+        augment: bool = False,
+        crop_padding: int = 0,
+        flip: bool = False,
+        download: bool = True,
+        num_classes: int = 10,
+        image_shape: tuple[int, int, int] = (1, 28, 28),
+        mean: tuple[float, ...] = (0.5,),
+        std: tuple[float, ...] = (0.5,),
+        class_names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if loader not in LOADERS:
+            raise UserError(f"data.loader={loader!r} is not known; choose one of {', '.join(LOADERS)}.")
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_size, self.split_seed, self.seed = val_size, split_seed, seed
+        self.loader, self.num_workers, self.download = loader, num_workers, download
+        self.augment, self.crop_padding, self.flip = augment, crop_padding, flip
+        self.num_classes, self.image_shape = num_classes, tuple(image_shape)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self.files_read: list[Path] = []
+
+    # --- what a subclass provides -------------------------------------------------------------------------------
+    def required_files(self) -> list[Path]:
+        raise NotImplementedError
+
+    def read_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Read 'train' or 'test' into (uint8 N x C x H x W, int64 N)."""
+        raise NotImplementedError
+
+    def fetch(self) -> None:
+        """Download the dataset's files into data_dir."""
+        raise NotImplementedError
+
+    # --- Lightning hooks ------------------------------------------------------------------------------------------
+    def missing_files(self) -> list[Path]:
+        return [p for p in self.required_files() if not p.is_file()]
+
+    def prepare_data(self) -> None:
+        missing = self.missing_files()
+        if not missing:
+            return
+        if self.download:
+            try:
+                self.fetch()
+            except Exception:  # offline, blocked or interrupted: the paragraph below says what to do
+                pass
+            missing = self.missing_files()
+        if missing:
+            names = ", ".join(str(p.relative_to(self.data_dir)) for p in missing)
+            raise UserError(
+                f"The {self.name} files are not in {self.data_dir} (missing: {names}) and could not be downloaded. "
+                f"Put the files there in torchvision's layout, or point data.data_dir=<folder> at a folder that "
+                "holds them."
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        self.prepare_data()
+        device = torch.device("cpu")
+        rank, world_size = 0, 1
+        if self.trainer is not None:
+            rank, world_size = self.trainer.global_rank, self.trainer.world_size
+            if self.loader == "tensor":
+                device = self.trainer.strategy.root_device
+        self.rank, self.world_size = rank, world_size
+        train_x, train_y = self._checked(*self.read_split("train"), "train")
+        test_x, test_y = self._checked(*self.read_split("test"), "test")
+        if not 0 <= self.val_size < len(train_y):
+            raise UserError(
+                f"data.val_size={self.val_size} must be at least 0 and below the {len(train_y)} training images "
+                f"in {self.data_dir}; lower it."
+            )
+        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.split_seed))
+        val_idx, train_idx = order[: self.val_size], order[self.val_size :]
+        self.splits = {
+            "train": (train_x[train_idx].to(device), train_y[train_idx].to(device)),
+            "val": (train_x[val_idx].to(device), train_y[val_idx].to(device)),
+            "test": (test_x.to(device), test_y.to(device)),
+        }
+
+    def _checked(self, images: np.ndarray, labels: np.ndarray, split: str) -> tuple[Tensor, Tensor]:
+        if tuple(images.shape[1:]) != self.image_shape:
+            raise UserError(
+                f"The {self.name} {split} images in {self.data_dir} have shape {tuple(images.shape[1:])}, but the data "
+                f"config says image_shape={list(self.image_shape)}. Fix data.image_shape or the files."
+            )
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise UserError(
+                f"The {self.name} {split} labels in {self.data_dir} run from {labels.min()} to {labels.max()}, outside "
+                f"0..{self.num_classes - 1} for num_classes={self.num_classes}. Fix data.num_classes or the files."
+            )
+        return torch.from_numpy(np.array(images, copy=True)), torch.from_numpy(labels.astype(np.int64))
+
+    def file_checksums(self) -> dict[str, str]:
+        """sha256 of every data file read, for the run's reproducibility record."""
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in self.files_read}
+
+    # --- loaders --------------------------------------------------------------------------------------------------
+    def train_dataloader(self):
+        return self._loader("train", self.batch_size, shuffle=True, augment=self.augment)
+
+    def val_dataloader(self):
+        return self._loader("val", self.eval_batch_size, shuffle=False, augment=False)
+
+    def test_dataloader(self):
+        return self._loader("test", self.eval_batch_size, shuffle=False, augment=False)
+
+    def predict_dataloader(self):
+        return self.test_dataloader()
+
+    def batch_transform(self, augment: bool) -> BatchTransform:
+        """The tensor path's normalization (and augmentation when asked), on whole batches."""
+        return BatchTransform(self.mean, self.std, self.crop_padding if augment else 0, self.flip and augment)
+
+    def image_transform(self, augment: bool) -> transforms.Compose:
+        """The torchvision path's per-image transforms, equivalent to batch_transform."""
+        steps: list = []
+        if augment and self.crop_padding:
+            steps.append(transforms.RandomCrop(self.image_shape[1:], padding=self.crop_padding))
+        if augment and self.flip:
+            steps.append(transforms.RandomHorizontalFlip())
+        steps += [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
+        return transforms.Compose(steps)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool, augment: bool):
+        images, labels = self.splits[split]
+        if self.loader == "tensor":
+            rank, world_size = getattr(self, "rank", 0), getattr(self, "world_size", 1)
+            sampler = EpochSampler(len(labels), shuffle, self.seed, rank, world_size)
+            return TensorLoader(images, labels, batch_size, sampler, self.batch_transform(augment))
+        dataset = ImageTensorDataset(images, labels, self.image_transform(augment))
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )

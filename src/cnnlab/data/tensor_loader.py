@@ -1,0 +1,113 @@
+"""A loader for datasets held whole in memory (on the GPU when training there) as one uint8 tensor.
+
+Batches are formed by indexing a seeded permutation; normalization, random crop and flip run on the whole batch on
+the device. This removes the per-image Python work (PIL conversion, per-sample transforms, collation) that makes up
+most of an epoch of a small network on the usual Dataset/DataLoader path.
+"""
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+
+class EpochSampler:
+    """Indices of one epoch: a permutation seeded by (seed, epoch), sharded across ranks as DistributedSampler does.
+
+    Each rank gets every world_size-th index of the (padded) permutation, so ranks see disjoint, equal-sized shards.
+    Lightning calls set_epoch at the start of every training epoch.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.shuffle, self.seed, self.rank, self.world_size = n, shuffle, seed, rank, world_size
+        self.epoch = 0
+        self.num_samples = math.ceil(n / world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> Tensor:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        total = self.num_samples * self.world_size
+        if total > self.n:  # pad by wrapping around, as DistributedSampler does
+            order = torch.cat([order, order[: total - self.n]])
+        return order[self.rank : total : self.world_size]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class BatchTransform:
+    """uint8 batch -> normalized float batch, with optional random crop (zero padding) and horizontal flip.
+
+    Matches torchvision's RandomCrop(size, padding) + RandomHorizontalFlip + ToTensor + Normalize per image.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], crop_padding: int = 0, flip: bool = False) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+        self.crop_padding, self.flip = crop_padding, flip
+
+    @property
+    def augments(self) -> bool:
+        return self.crop_padding > 0 or self.flip
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        b, _, h, w = x.shape
+        if self.crop_padding:
+            p = self.crop_padding
+            padded = torch.nn.functional.pad(x, (p, p, p, p))  # (B, C, H, W) -> (B, C, H+2p, W+2p)
+            dy = torch.randint(0, 2 * p + 1, (b, 1, 1, 1), device=x.device, generator=generator)
+            dx = torch.randint(0, 2 * p + 1, (b, 1, 1, 1), device=x.device, generator=generator)
+            rows = dy + torch.arange(h, device=x.device).view(1, 1, h, 1)  # (B, 1, H, 1)
+            cols = dx + torch.arange(w, device=x.device).view(1, 1, 1, w)  # (B, 1, 1, W)
+            x = padded.gather(2, rows.expand(b, x.shape[1], h, w + 2 * p))  # -> (B, C, H, W+2p)
+            x = x.gather(3, cols.expand(b, x.shape[1], h, w))  # -> (B, C, H, W)
+        if self.flip:
+            flip = torch.rand((b, 1, 1, 1), device=x.device, generator=generator) < 0.5
+            x = torch.where(flip, x.flip(3), x)
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return (x.float() - mean) / std
+
+
+class TensorLoader:
+    """Iterates (images, labels) batches of a uint8 image tensor, transformed on the tensor's device.
+
+    Exposes `sampler` so Lightning's per-epoch `set_epoch` call reaches the EpochSampler, like a DataLoader's
+    (and `batch_sampler = None`, as a DataLoader with a plain sampler has).
+    """
+
+    batch_sampler = None
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        sampler: EpochSampler,
+        transform: BatchTransform,
+        drop_last: bool = False,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.sampler, self.transform = batch_size, sampler, transform
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        device = self.images.device
+        order = self.sampler.indices().to(device)
+        generator = None
+        if self.transform.augments:
+            generator = torch.Generator(device=device)
+            generator.manual_seed((self.sampler.seed + 1_000_003 * self.sampler.epoch + self.sampler.rank) % 2**63)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.transform(self.images[idx], generator), self.labels[idx]

@@ -1,0 +1,96 @@
+"""train(cfg): build data, model and Trainer from a composed config, fit, test, and write the run directory."""
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from cnnlab.classifier import ImageClassifier
+from cnnlab.run_record import environment, write_json
+
+# The data facts a checkpoint keeps, so evaluation and prediction need no data config.
+DATA_FACTS = ("image_shape", "num_classes", "mean", "std", "class_names")
+
+
+def plain(node: Any) -> Any:
+    """A resolved config node as plain dicts and lists (what checkpoints may store)."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def build_classifier(cfg: DictConfig) -> ImageClassifier:
+    """The LightningModule for cfg, from plain values only."""
+    return ImageClassifier(
+        model=plain(cfg.model),
+        optimizer=plain(cfg.optimizer),
+        scheduler=plain(cfg.scheduler) or None,
+        data={k: plain(cfg.data[k]) for k in DATA_FACTS},
+        label_smoothing=cfg.label_smoothing,
+        channels_last=cfg.channels_last,
+    )
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    """The Trainer with the configured callbacks and loggers."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, then test the best checkpoint; returns the metrics written to <run dir>/metrics.json."""
+    run_dir = Path(cfg.run_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()  # missing files are reported before anything is built
+    classifier = build_classifier(cfg)
+    trainer = build_trainer(cfg)
+    console = Console(stderr=False)
+    if trainer.is_global_zero:
+        console.print(OmegaConf.to_yaml(cfg, resolve=True), markup=False, highlight=False)
+
+    start = time.perf_counter()
+    trainer.fit(classifier, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    train_seconds = time.perf_counter() - start
+
+    checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    best_path = checkpoint.best_model_path if checkpoint else ""
+    metrics: dict[str, Any] = {
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "train_seconds": round(train_seconds, 3),
+        "train_images_per_second": round(trainer.global_step * datamodule.batch_size / train_seconds, 1),
+        "val_acc_best": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score else None,
+        "best_checkpoint": best_path or None,
+    }
+    if cfg.test:
+        results = trainer.test(classifier, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+        metrics["test_acc"] = results[0]["test/acc"]
+        metrics["test_loss"] = results[0]["test/loss"]
+
+    if trainer.is_global_zero:
+        write_json(run_dir / "metrics.json", metrics)
+        env = environment(cfg.seed, cfg.trainer.deterministic, datamodule.file_checksums())
+        write_json(run_dir / "env.json", env)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                scores = {f"hp/{k}": v for k, v in metrics.items() if isinstance(v, float)}
+                logger.log_hyperparams(plain(cfg), scores)
+        print_summary(console, run_dir, metrics)
+    return metrics
+
+
+def print_summary(console: Console, run_dir: Path, metrics: dict[str, Any]) -> None:
+    """The final table of a run."""
+    table = Table(title=f"Run {run_dir}", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)

@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny datasets in the real on-disk formats, and configs composed as the command line does."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from cnnlab.cli import config_dir
+from cnnlab.data.formats import write_cifar_batch, write_cifar_meta, write_idx
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+MODELS = ["lenet5", "resnet8", "resnet20", "resnet18"]
+DATASETS = ["mnist", "cifar10"]
+
+
+def class_patterns(n: int, shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n uint8 images whose label is written as a bright square at a class-specific place, over noise."""
+    rng = np.random.default_rng(seed)
+    c, h, w = shape
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(n, c, h, w), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        top, left = 4 + 6 * (label // 5), 3 + 5 * (label % 5)
+        images[i, :, top : top + 5, left : left + 4] = 255
+    return images, labels.astype(np.uint8)
+
+
+def make_mnist(root: Path, n_train: int = 600, n_test: int = 200, seed: int = 0) -> Path:
+    """Write MNIST-format IDX files under root/MNIST/raw/."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n, s in (("train", n_train, seed), ("t10k", n_test, seed + 1)):
+        images, labels = class_patterns(n, (1, 28, 28), s)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images[:, 0])
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+def make_cifar(root: Path, n_train: int = 500, n_test: int = 200, seed: int = 0) -> Path:
+    """Write CIFAR-10 python batches under root/cifar-10-batches-py/ (5 train batches, a test batch, meta)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels = class_patterns(n_train, (3, 32, 32), seed)
+    for i, part in enumerate(np.array_split(np.arange(n_train), 5), start=1):
+        write_cifar_batch(folder / f"data_batch_{i}", images[part], labels[part])
+    images, labels = class_patterns(n_test, (3, 32, 32), seed + 1)
+    write_cifar_batch(folder / "test_batch", images, labels)
+    write_cifar_meta(folder / "batches.meta", CIFAR_CLASSES)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A data_dir holding a tiny MNIST and a tiny CIFAR-10 in their real formats."""
+    root = tmp_path_factory.mktemp("data")
+    make_mnist(root)
+    make_cifar(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The real datasets' folder, from CNNLAB_REAL_DATA (.ci/run sets it; in CI a missing setting fails the test)."""
+    value = os.environ.get("CNNLAB_REAL_DATA")
+    if not value:
+        message = "CNNLAB_REAL_DATA is not set: point it at a folder holding MNIST/raw/ and cifar-10-batches-py/"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    path = Path(value)
+    assert (path / "MNIST" / "raw").is_dir(), f"{path} has no MNIST/raw/"
+    return path
+
+
+def compose_config(overrides: list[str], run_dir: Path, config_name: str = "train") -> DictConfig:
+    """Compose a config as `scripts/train.py` would, with the run directory set to run_dir."""
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name=config_name, overrides=[*overrides, f"run_dir={run_dir}"])
+
+
+def fast_overrides(data_dir: Path, model: str = "lenet5", data: str = "mnist") -> list[str]:
+    """Overrides for a quick CPU run on tiny data."""
+    return [
+        f"model={model}",
+        f"data={data}",
+        f"data.data_dir={data_dir}",
+        "data.batch_size=32",
+        "data.eval_batch_size=64",
+        "data.val_size=100",
+        "data.download=false",
+        "trainer=cpu",
+        "callbacks.progress_bar=null",
+        "+trainer.enable_progress_bar=false",
+    ]

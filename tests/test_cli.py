@@ -1,0 +1,134 @@
+"""The command line as users run it: scripts/train.py in a subprocess, errors, TensorBoard, and installs."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from tests.conftest import REPO
+
+QUICK = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=4",
+    "data.batch_size=32",
+    "data.val_size=100",
+    "data.download=false",
+]
+
+
+def run(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+def train_script(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run([sys.executable, str(REPO / "scripts" / "train.py"), *overrides], cwd)
+
+
+def test_train_script_writes_a_run_dir_under_the_working_directory(tiny_data, tmp_path):
+    (tmp_path / "data").symlink_to(tiny_data)  # the default data_dir, relative to where the command runs
+    result = train_script(*QUICK, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "train").iterdir()
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "train.log").is_file()
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"test_acc", "test_loss", "val_acc_best", "epochs", "train_seconds"} <= set(metrics)
+    assert "test_acc" in result.stdout  # the final table
+
+
+def test_hydra_run_dir_override_places_the_run(tiny_data, tmp_path):
+    result = train_script(*QUICK, f"data.data_dir={tiny_data}", "hydra.run.dir=mine/run1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "mine" / "run1" / "metrics.json").is_file()
+
+
+def test_missing_data_gets_one_paragraph_exit_2_and_no_traceback(tmp_path):
+    result = train_script("data.data_dir=nowhere", "data.download=false", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "data.data_dir" in result.stderr and str(tmp_path / "nowhere") in result.stderr
+
+
+def test_unknown_model_option_lists_the_available_ones(tmp_path):
+    result = train_script("model=lenet6", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "lenet5" in result.stderr and "resnet18" in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensorboard_serves_val_acc_of_a_finished_run(tiny_data, tmp_path):
+    result = train_script(
+        *QUICK, "trainer.max_epochs=2", f"data.data_dir={tiny_data}", "hydra.run.dir=run", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(tmp_path / "run"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--reload_interval",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    query = urllib.parse.urlencode({"tag": "val/acc", "run": "tensorboard"})
+    url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?{query}"
+    try:
+        deadline, points = time.monotonic() + 90, None
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    points = json.loads(response.read())
+                if len(points) == 2:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(1)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert points is not None and len(points) == 2, f"TensorBoard returned {points}"
+    assert all(0.0 <= value <= 1.0 for _, _, value in points)
+
+
+def test_console_script_finds_its_configs_after_a_plain_install_from_any_directory(tiny_data, tmp_path):
+    target = tmp_path / "site"
+    install = run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(REPO)],
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    assert (target / "cnnlab" / "configs" / "train.yaml").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = target / "bin" / "cnnlab-train"
+    result = run(
+        [sys.executable, str(script), *QUICK, f"data.data_dir={tiny_data}"],
+        cwd=elsewhere,
+        env={"PYTHONPATH": str(target)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (elsewhere / "outputs" / "train").iterdir()
+    assert (run_dir / "metrics.json").is_file()
+    assert str(target) in (run_dir / ".hydra" / "hydra.yaml").read_text()  # configs came from the installed copy

@@ -1,0 +1,70 @@
+"""train(cfg) end to end on tiny data: every model x data pair, the run directory, and checkpoint contents."""
+
+import json
+
+import pytest
+import torch
+
+from cnnlab.train import train
+from tests.conftest import DATASETS, MODELS, compose_config, fast_overrides
+
+
+@pytest.mark.parametrize("data", DATASETS)
+@pytest.mark.parametrize("model", MODELS)
+def test_fast_dev_run_passes_for_every_model_and_data_pair(tiny_data, tmp_path, model, data):
+    cfg = compose_config([*fast_overrides(tiny_data, model, data), "trainer.fast_dev_run=true"], tmp_path)
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["global_step"] == 1
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose_config([*fast_overrides(tiny_data), "trainer.max_epochs=3", "optimizer.lr=0.05"], run_dir)
+    return run_dir, train(cfg)
+
+
+def test_a_run_learns_the_tiny_dataset(finished_run):
+    _, metrics = finished_run
+    assert metrics["test_acc"] > 0.5 and metrics["val_acc_best"] > 0.5
+
+
+def test_run_directory_holds_checkpoints_metrics_and_event_files(finished_run):
+    run_dir, metrics = finished_run
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    written = json.loads((run_dir / "metrics.json").read_text())
+    assert written == pytest.approx(metrics)
+    assert {"test_acc", "test_loss", "val_acc_best", "epochs", "train_seconds"} <= set(written)
+    assert written["epochs"] == 3
+
+
+def test_env_record_names_versions_seed_and_data_checksums(finished_run):
+    run_dir, _ = finished_run
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["seed"] == 42
+    assert len(env["data_files_sha256"]) == 4 and all(len(v) == 64 for v in env["data_files_sha256"].values())
+
+
+def test_checkpoints_load_with_weights_only_and_hold_plain_hyperparameters(finished_run):
+    run_dir, _ = finished_run
+    for name in ("best.ckpt", "last.ckpt"):
+        ckpt = torch.load(run_dir / "checkpoints" / name, weights_only=True, map_location="cpu")
+        assert ckpt["hyper_parameters"]["model"]["_target_"] == "cnnlab.models.LeNet5"
+        assert ckpt["hyper_parameters"]["data"]["mean"] == [0.1307]
+
+
+def test_hyperparameters_and_final_metrics_reach_the_hparams_tab(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    run_dir, metrics = finished_run
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    data = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    metric_names = {m.name.tag for m in data.experiment.metric_infos}
+    assert {"hp/test_acc", "hp/val_acc_best"} <= metric_names
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert session.session_start_info.hparams["optimizer/lr"].number_value == pytest.approx(0.05)
+    assert events.Scalars("hp/test_acc")[-1].value == pytest.approx(metrics["test_acc"])
