@@ -1,6 +1,6 @@
 """The LightningModule: loss, metrics, optimizer and scheduler set-up, logging. Nothing else.
 
-It is built from plain config dictionaries (the model's, the optimizer's, the scheduler's and the data facts), which
+It is built from plain config dictionaries (the model's, the optimizer's, the scheduler's and the data config), which
 `save_hyperparameters` stores in every checkpoint: a checkpoint alone rebuilds the model, and it loads with
 `torch.load(weights_only=True)` because it holds no pickled objects.
 """
@@ -29,8 +29,8 @@ class ImageClassifier(L.LightningModule):
         model: the model's `_target_` config, e.g. {"_target_": "cnnlab.models.LeNet5", "num_classes": 10, ...}.
         optimizer: a `_partial_` optimizer config, called with the parameters.
         scheduler: a `_partial_` LR scheduler config or None; `total_steps` / `T_max` are filled in when absent.
-        data: the data facts the model was trained with (image_shape, num_classes, mean, std, class_names), for
-            evaluation and prediction from a checkpoint alone.
+        data: the data config the model was trained with (its `_target_` DataModule, image_shape, num_classes,
+            mean, std, class_names), so evaluation and prediction can rebuild the data path from a checkpoint alone.
         label_smoothing: cross-entropy label smoothing in [0, 1).
         channels_last: run the model and its inputs in channels-last memory format (faster convolutions).
     """

@@ -15,9 +15,6 @@ from rich.table import Table
 from cnnlab.classifier import ImageClassifier
 from cnnlab.run_record import environment, write_json
 
-# The data facts a checkpoint keeps, so evaluation and prediction need no data config.
-DATA_FACTS = ("image_shape", "num_classes", "mean", "std", "class_names")
-
 
 def plain(node: Any) -> Any:
     """A resolved config node as plain dicts and lists (what checkpoints may store)."""
@@ -30,7 +27,7 @@ def build_classifier(cfg: DictConfig) -> ImageClassifier:
         model=plain(cfg.model),
         optimizer=plain(cfg.optimizer),
         scheduler=plain(cfg.scheduler) or None,
-        data={k: plain(cfg.data[k]) for k in DATA_FACTS},
+        data=plain(cfg.data),
         label_smoothing=cfg.label_smoothing,
         channels_last=cfg.channels_last,
     )
