@@ -4,7 +4,8 @@ import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger
 
 from cnnlab.classifier import ImageClassifier
 from cnnlab.train import build_classifier
@@ -87,7 +88,19 @@ def test_every_module_is_in_eval_mode_outside_training_so_dropout_is_off(tiny_da
 
 
 def test_fit_logs_the_documented_metric_names(tiny_data, tmp_path):
-    classifier, dm, trainer = setup_run(tiny_data, tmp_path)
+    classifier, dm, _ = setup_run(tiny_data, tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=2,
+        limit_test_batches=2,
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        log_every_n_steps=1,
+        callbacks=[LearningRateMonitor(logging_interval="step")],
+    )
     trainer.fit(classifier, datamodule=dm)
     logged = set(trainer.callback_metrics)
     trainer.test(classifier, datamodule=dm)

@@ -12,6 +12,8 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy
 
 MIN_SCHEDULE_STEPS = 16
@@ -20,6 +22,18 @@ MIN_SCHEDULE_STEPS = 16
 def build_model(model: dict[str, Any]) -> nn.Module:
     """Instantiate a model from its config dictionary (a `_target_` node)."""
     return instantiate(model, _convert_="all")
+
+
+def make_scheduler(scheduler: dict[str, Any] | None, optimizer: Optimizer, total_steps: int) -> LRScheduler | None:
+    """A per-step LR scheduler from its `_partial_` config; `total_steps` / `T_max` span the run unless given."""
+    if not scheduler:
+        return None
+    partial = instantiate(scheduler)
+    params = inspect.signature(partial.func).parameters
+    # OneCycleLR divides by zero on a few steps; a run that short (a smoke test) stops early instead.
+    steps = max(total_steps, MIN_SCHEDULE_STEPS)
+    filled = {name: steps for name in ("total_steps", "T_max") if name in params and name not in partial.keywords}
+    return partial(optimizer, **filled)
 
 
 class ImageClassifier(L.LightningModule):
@@ -64,12 +78,11 @@ class ImageClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self.criterion(logits, y)
-        self.train_acc(logits, y)
+        self.train_acc.update(logits.detach(), y)
         # Epoch means accumulate on the device; only the progress bar's refresh reads a value back.
-        self.log("train/loss", loss, on_step=False, on_epoch=True)
-        self.log("loss", loss, prog_bar=True, logger=False)
+        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False)
         return loss
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> None:
@@ -91,14 +104,8 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = instantiate(self.hparams.optimizer)(self.parameters())
-        if not self.hparams.scheduler:
+        scheduler = make_scheduler(self.hparams.scheduler, optimizer, int(self.trainer.estimated_stepping_batches))
+        if scheduler is None:
             return {"optimizer": optimizer}
-        make_scheduler = instantiate(self.hparams.scheduler)
-        params = inspect.signature(make_scheduler.func).parameters
-        filled = {}
-        for name in ("total_steps", "T_max"):  # a per-step schedule spans the whole run
-            if name in params and name not in make_scheduler.keywords:
-                # OneCycleLR divides by zero on a few steps; a run that short (a smoke test) stops early instead.
-                filled[name] = max(int(self.trainer.estimated_stepping_batches), MIN_SCHEDULE_STEPS)
-        scheduler = make_scheduler(optimizer, **filled)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # "name" is the key LearningRateMonitor logs the rate under.
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}

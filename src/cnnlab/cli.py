@@ -37,3 +37,11 @@ def train_main(cfg: DictConfig) -> float | None:
 
     metrics = run_reporting_user_errors(train, cfg)
     return metrics.get("val_acc_best")
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="benchmark")
+def benchmark_main(cfg: DictConfig) -> None:
+    """`python scripts/benchmark.py`: images/s of the project's path against a plain loop, or time to accuracy."""
+    from cnnlab.benchmark import benchmark
+
+    run_reporting_user_errors(benchmark, cfg)

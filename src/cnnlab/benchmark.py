@@ -1,0 +1,246 @@
+"""benchmark(cfg): training throughput of the project's path against a plain PyTorch loop, and time to accuracy.
+
+All paths run in one process on the same model config, optimizer, batch size and device, so the ratios compare
+framework and data-path cost, not machines. Timed windows are taken in turn (a, b, c, a, b, c, ...) and the best of
+each path is kept, which keeps a busy machine from favouring whichever path ran while it was quiet.
+"""
+
+import copy
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from cnnlab.classifier import build_model, make_scheduler
+from cnnlab.errors import UserError
+from cnnlab.run_record import environment, write_json
+from cnnlab.train import build_classifier, build_trainer, plain
+
+PATHS = ("lightning", "plain", "torchvision")
+
+
+def process_start_time() -> float:
+    """Wall-clock time at which this process started (Linux /proc; else the time this module was imported)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED_AT
+
+
+_IMPORTED_AT = time.time()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer(L.Callback):
+    """Times training steps after warm-up: images per second over the timed steps."""
+
+    def __init__(self, warmup_steps: int) -> None:
+        self.warmup_steps, self.start, self.images = warmup_steps, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup_steps and self.start is None:
+            _sync(pl_module.device)
+            self.start = time.perf_counter()
+        if self.start is not None:
+            self.images += len(batch[1])
+
+    def images_per_second(self, device: torch.device) -> float:
+        _sync(device)
+        return self.images / (time.perf_counter() - self.start)
+
+
+def _accelerator(cfg: DictConfig) -> DictConfig:
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        if cfg.device != "auto":
+            cfg.trainer.accelerator = {"cuda": "gpu"}.get(cfg.device, cfg.device)
+        cfg.trainer.max_epochs = -1
+        cfg.trainer.max_steps = cfg.warmup_steps + cfg.steps
+        cfg.trainer.limit_val_batches = 0  # training throughput only
+        cfg.trainer.num_sanity_val_steps = 0
+    return cfg
+
+
+def lightning_rate(cfg: DictConfig, loader: str) -> float:
+    """Images/s of a Trainer.fit with the configured callbacks and loggers, fed by the given loader path."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.data.loader = loader
+        if loader == "torchvision":
+            cfg.data.num_workers = cfg.torchvision_workers
+    L.seed_everything(cfg.seed, verbose=False)
+    datamodule = instantiate(cfg.data)
+    classifier = build_classifier(cfg)
+    trainer = build_trainer(cfg)
+    timer = StepTimer(cfg.warmup_steps)
+    trainer.callbacks.append(timer)
+    trainer.fit(classifier, datamodule=datamodule)
+    return timer.images_per_second(classifier.device)
+
+
+def plain_rate(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
+    """Images/s of a hand-written loop: forward, loss, backward, optimizer and scheduler step, nothing else."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(plain(cfg.model)).to(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    scheduler = make_scheduler(plain(cfg.scheduler), optimizer, cfg.warmup_steps + cfg.steps)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    bf16 = str(cfg.trainer.precision).startswith("bf16")
+    batch_size, n = cfg.data.batch_size, len(labels)
+    order = torch.randperm(n, device=device)
+    start = None
+    for step in range(cfg.warmup_steps + cfg.steps):
+        if step == cfg.warmup_steps:
+            _sync(device)
+            start = time.perf_counter()
+        i = (step * batch_size) % (n - batch_size + 1)
+        idx = order[i : i + batch_size]
+        x = images[idx].contiguous(memory_format=memory_format)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = criterion(model(x), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    _sync(device)
+    return cfg.steps * batch_size / (time.perf_counter() - start)
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("device=cuda was asked for, but PyTorch sees no CUDA device here. Use device=cpu.")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def throughput(cfg: DictConfig) -> dict[str, Any]:
+    """Best-of-`repeats` images/s of each path, and the ratios lightning/plain and lightning/torchvision."""
+    unknown = set(cfg.compare) - set(PATHS)
+    if unknown:
+        raise UserError(
+            f"compare={list(cfg.compare)} names unknown paths {sorted(unknown)}; choose from {list(PATHS)}."
+        )
+    device = _device(cfg)
+    cfg = _accelerator(cfg)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    train_images, train_labels = datamodule.splits["train"]
+    images = datamodule.batch_transform(augment=False)(train_images.to(device))  # pre-normalized, on the device
+    labels = train_labels.to(device)
+    best: dict[str, float] = {}
+    for _ in range(cfg.repeats):
+        for path in cfg.compare:
+            if path == "plain":
+                rate = plain_rate(cfg, images, labels, device)
+            else:
+                rate = lightning_rate(cfg, "tensor" if path == "lightning" else "torchvision")
+            best[path] = max(best.get(path, 0.0), rate)
+    result: dict[str, Any] = {f"{p}_images_per_second": round(r, 1) for p, r in best.items()}
+    if "lightning" in best and "plain" in best:
+        result["lightning_over_plain"] = round(best["lightning"] / best["plain"], 3)
+    if "lightning" in best and "torchvision" in best:
+        result["lightning_over_torchvision"] = round(best["lightning"] / best["torchvision"], 3)
+    result["peak_memory_mb"] = round(peak_memory_mb(device), 1)
+    result["device"] = str(device)
+    return result
+
+
+class TestAccuracyStop(L.Callback):
+    """After every training epoch, measures test accuracy; stops training at the first epoch reaching the target."""
+
+    def __init__(self, target: float, started_at: float) -> None:
+        self.target, self.started_at = target, started_at
+        self.history: list[dict[str, float]] = []
+        self.reached: dict[str, float] | None = None
+
+    @torch.no_grad()
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        was_training = pl_module.training
+        pl_module.eval()
+        correct = total = 0
+        for x, y in trainer.datamodule.test_dataloader():
+            x, y = x.to(pl_module.device), y.to(pl_module.device)
+            correct += (pl_module(x).argmax(1) == y).sum().item()
+            total += len(y)
+        pl_module.train(was_training)
+        entry = {
+            "epoch": trainer.current_epoch + 1,
+            "test_acc": correct / total,
+            "seconds_from_process_start": time.time() - self.started_at,
+        }
+        self.history.append(entry)
+        if entry["test_acc"] >= self.target and self.reached is None:
+            self.reached = entry
+            trainer.should_stop = True
+
+
+def time_to_accuracy(cfg: DictConfig) -> dict[str, Any]:
+    """Wall clock from process start to the first epoch whose test accuracy reaches cfg.target_acc."""
+    started_at = process_start_time()
+    device = _device(cfg)
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        if cfg.device != "auto":
+            cfg.trainer.accelerator = {"cuda": "gpu"}.get(cfg.device, cfg.device)
+    L.seed_everything(cfg.seed, verbose=False)
+    datamodule = instantiate(cfg.data)
+    classifier = build_classifier(cfg)
+    trainer = build_trainer(cfg)
+    stop = TestAccuracyStop(cfg.target_acc, started_at)
+    trainer.callbacks.append(stop)
+    trainer.fit(classifier, datamodule=datamodule)
+    return {
+        "target_acc": cfg.target_acc,
+        "reached": stop.reached is not None,
+        "seconds_to_target": round(stop.reached["seconds_from_process_start"], 2) if stop.reached else None,
+        "epoch_reached": stop.reached["epoch"] if stop.reached else None,
+        "history": stop.history,
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "device": str(device),
+    }
+
+
+def benchmark(cfg: DictConfig) -> dict[str, Any]:
+    """Run the throughput comparison, or the time-to-accuracy measurement when target_acc is set; write JSON."""
+    result = time_to_accuracy(cfg) if cfg.target_acc is not None else throughput(cfg)
+    result["config"] = {key: plain(cfg[key]) for key in ("model", "data", "optimizer", "scheduler", "trainer")}
+    result["config"].update(channels_last=cfg.channels_last, label_smoothing=cfg.label_smoothing)
+    result["env"] = environment(cfg.seed, cfg.trainer.deterministic, {})
+    write_json(Path(cfg.output), result)
+    print_result(result)
+    return result
+
+
+def print_result(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="benchmark")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if key not in ("env", "config", "history"):
+            table.add_row(key, str(value))
+    Console().print(table)
