@@ -43,3 +43,19 @@ def test_real_mnist_split_is_55k_train_5k_validation(real_data, tmp_path):
     assert len(dm.splits["test"][1]) == 10_000
     train_x = dm.splits["train"][0].float() / 255
     assert np.isclose(train_x.mean().item(), cfg.data.mean[0], atol=0.002)
+
+
+def test_unfold_convolution_trains_lenet5_to_the_torch_convolutions_accuracy(real_data, tmp_path):
+    accuracy = {}
+    for impl in ("torch", "unfold"):
+        overrides = [
+            f"data.data_dir={real_data}",
+            "trainer.max_epochs=1",
+            f"model.conv_impl={impl}",
+            "callbacks.progress_bar=null",
+            "+trainer.enable_progress_bar=false",
+        ]
+        accuracy[impl] = train(compose_config(overrides, tmp_path / impl))["test_acc"]
+    print(f"one epoch of LeNet-5 on MNIST: {accuracy}")
+    assert accuracy["torch"] > 0.97
+    assert abs(accuracy["torch"] - accuracy["unfold"]) <= 0.003

@@ -45,3 +45,11 @@ def benchmark_main(cfg: DictConfig) -> None:
     from cnnlab.benchmark import benchmark
 
     run_reporting_user_errors(benchmark, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="inspect_model")
+def inspect_main(cfg: DictConfig) -> None:
+    """`python scripts/inspect_model.py model=... data=...`: the layer table of a model on a dataset's images."""
+    from cnnlab.inspect_model import inspect_model
+
+    run_reporting_user_errors(inspect_model, cfg)
