@@ -13,7 +13,7 @@ from cnnlab.data.formats import write_cifar_batch, write_cifar_meta, write_idx
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-MODELS = ["lenet5", "resnet8", "resnet20", "resnet18"]
+MODELS = ["lenet5", "resnet8", "resnet20", "resnet18", "resnet9"]
 DATASETS = ["mnist", "cifar10"]
 
 

@@ -84,7 +84,7 @@ def test_model_config_builds_a_model_for_the_data_config(model, data, tmp_path):
         assert net(torch.zeros(2, c, h, w)).shape == (2, cfg.data.num_classes)
 
 
-@pytest.mark.parametrize("experiment", ["lenet5_mnist", "resnet18_cifar10"])
+@pytest.mark.parametrize("experiment", ["lenet5_mnist", "resnet18_cifar10", "mnist_fast", "cifar10_fast"])
 def test_experiment_recipes_compose_and_build_their_model(experiment, tmp_path):
     cfg = compose_config([f"experiment={experiment}"], tmp_path)
     assert cfg.task == experiment

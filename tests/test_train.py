@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from cnnlab.train import train
+from cnnlab.train import build_classifier, train
 from tests.conftest import DATASETS, MODELS, compose_config, fast_overrides
 
 
@@ -68,3 +68,45 @@ def test_hyperparameters_and_final_metrics_reach_the_hparams_tab(finished_run):
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     assert session.session_start_info.hparams["optimizer/lr"].number_value == pytest.approx(0.05)
     assert events.Scalars("hp/test_acc")[-1].value == pytest.approx(metrics["test_acc"])
+
+
+def test_compiled_model_keeps_its_checkpoint_keys(tiny_data, tmp_path):
+    overrides = [
+        *fast_overrides(tiny_data),
+        "trainer.fast_dev_run=true",
+        "compile.enabled=true",
+        "compile.backend=eager",
+    ]
+    cfg = compose_config(overrides, tmp_path)
+    classifier = build_classifier(cfg)
+    plain_keys = set(build_classifier(compose_config(fast_overrides(tiny_data), tmp_path)).state_dict())
+    assert set(classifier.state_dict()) == plain_keys
+    assert train(cfg)["global_step"] == 1
+
+
+def test_flip_test_time_augmentation_averages_an_image_and_its_mirror(tiny_data, tmp_path):
+    cfg = compose_config([*fast_overrides(tiny_data, "resnet8", "cifar10"), "tta_flip=true"], tmp_path)
+    classifier = build_classifier(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = (classifier(x) + classifier(x.flip(3))) / 2
+        assert torch.allclose(classifier.predict_logits(x), expected)
+        assert torch.allclose(classifier.predict_logits(x), classifier.predict_logits(x.flip(3)), atol=1e-6)
+
+
+def test_cifar10_fast_recipe_runs_with_ema_weights_on_cpu(tiny_data, tmp_path):
+    overrides = [
+        *fast_overrides(tiny_data, "resnet9", "cifar10"),
+        "experiment=cifar10_fast",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "data.batch_size=16",
+        "callbacks.ema.update_every_n_steps=1",
+    ]
+    cfg = compose_config(overrides, tmp_path)
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.tta_flip
+    metrics = train(cfg)
+    assert metrics["global_step"] == 3 and 0 <= metrics["test_acc"] <= 1

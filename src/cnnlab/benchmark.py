@@ -96,6 +96,8 @@ def plain_rate(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, devi
     model = build_model(plain(cfg.model)).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    if cfg.compile.enabled:
+        model.compile(backend=cfg.compile.backend, mode=cfg.compile.mode)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     scheduler = make_scheduler(plain(cfg.scheduler), optimizer, cfg.warmup_steps + cfg.steps)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

@@ -47,6 +47,7 @@ class ImageClassifier(L.LightningModule):
             mean, std, class_names), so evaluation and prediction can rebuild the data path from a checkpoint alone.
         label_smoothing: cross-entropy label smoothing in [0, 1).
         channels_last: run the model and its inputs in channels-last memory format (faster convolutions).
+        tta_flip: evaluate on each image and its mirror image and average the logits (for flip-invariant data).
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class ImageClassifier(L.LightningModule):
         data: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
+        tta_flip: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -85,9 +87,15 @@ class ImageClassifier(L.LightningModule):
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
         return loss
 
+    def predict_logits(self, x: Tensor) -> Tensor:
+        """Logits for evaluation: of the images, or averaged with their mirror images under tta_flip."""
+        if self.hparams.get("tta_flip"):
+            return (self(x) + self(x.flip(3))) / 2
+        return self(x)
+
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> None:
         x, y = batch
-        logits = self(x)
+        logits = self.predict_logits(x)
         metric(logits, y)
         self.log(f"{stage}/loss", self.criterion(logits, y), on_epoch=True, prog_bar=stage == "val")
         self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=stage == "val")
@@ -100,7 +108,7 @@ class ImageClassifier(L.LightningModule):
 
     def predict_step(self, batch: tuple[Tensor, Tensor] | Tensor, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, list | tuple) else batch
-        return self(x).softmax(dim=1)
+        return self.predict_logits(x).softmax(dim=1)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = instantiate(self.hparams.optimizer)(self.parameters())

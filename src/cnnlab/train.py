@@ -22,15 +22,20 @@ def plain(node: Any) -> Any:
 
 
 def build_classifier(cfg: DictConfig) -> ImageClassifier:
-    """The LightningModule for cfg, from plain values only."""
-    return ImageClassifier(
+    """The LightningModule for cfg, from plain values only; its model compiled in place when cfg.compile asks."""
+    classifier = ImageClassifier(
         model=plain(cfg.model),
         optimizer=plain(cfg.optimizer),
         scheduler=plain(cfg.scheduler) or None,
         data=plain(cfg.data),
         label_smoothing=cfg.label_smoothing,
         channels_last=cfg.channels_last,
+        tta_flip=cfg.tta_flip,
     )
+    if cfg.compile.enabled:
+        # nn.Module.compile compiles in place: parameter names, and so checkpoint keys, stay the same.
+        classifier.model.compile(backend=cfg.compile.backend, mode=cfg.compile.mode)
+    return classifier
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:

@@ -2,5 +2,6 @@
 
 from cnnlab.models.lenet import LeNet5
 from cnnlab.models.resnet import ResBlk, ResNet
+from cnnlab.models.resnet9 import ResNet9
 
-__all__ = ["LeNet5", "ResBlk", "ResNet"]
+__all__ = ["LeNet5", "ResBlk", "ResNet", "ResNet9"]
