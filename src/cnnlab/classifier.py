@@ -65,8 +65,9 @@ class ImageClassifier(L.LightningModule):
         logits = self(x)
         loss = self.criterion(logits, y)
         self.train_acc(logits, y)
-        # Epoch means accumulate on the device; only the progress bar's refresh reads a value back.
-        self.log("train/loss", loss, on_step=False, on_epoch=True)
+        # Epoch means accumulate on the device; only the progress bar's refresh reads a value back. Under DDP the
+        # epoch means are averaged across ranks (sync_dist); torchmetrics metrics gather their own states.
+        self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         self.log("loss", loss, prog_bar=True, logger=False)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
@@ -76,7 +77,7 @@ class ImageClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         metric(logits, y)
-        self.log(f"{stage}/loss", self.criterion(logits, y), on_epoch=True, prog_bar=stage == "val")
+        self.log(f"{stage}/loss", self.criterion(logits, y), on_epoch=True, prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=stage == "val")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -33,7 +33,12 @@ def run_reporting_user_errors(fn: Callable[[DictConfig], dict], cfg: DictConfig)
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def train_main(cfg: DictConfig) -> float | None:
     """`cnnlab-train` / `python scripts/train.py`: train, test, and write the run directory."""
+    from cnnlab.sweep import in_multirun, refuse_local_distributed_sweep, run_recording_failure
     from cnnlab.train import train
 
+    if in_multirun():  # a failing job is recorded and the sweep goes on; the sweep's exit code reports it
+        run_reporting_user_errors(refuse_local_distributed_sweep, cfg)
+        metrics = run_recording_failure(train, cfg)
+        return metrics.get("val_acc_best") if metrics else None
     metrics = run_reporting_user_errors(train, cfg)
     return metrics.get("val_acc_best")
