@@ -1,5 +1,6 @@
 """Console entry points: thin Hydra wrappers around the plain functions in cnnlab.train and friends."""
 
+import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -42,3 +43,22 @@ def train_main(cfg: DictConfig) -> float | None:
         return metrics.get("val_acc_best") if metrics else None
     metrics = run_reporting_user_errors(train, cfg)
     return metrics.get("val_acc_best")
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="search")
+def search_main(cfg: DictConfig) -> float | None:
+    """`cnnlab-search` / `python scripts/search.py`: an Optuna search whose trials are ordinary training runs."""
+    from cnnlab.search import search
+
+    best = run_reporting_user_errors(search, cfg)
+    return best.get("value")
+
+
+def summarize_main(argv: list[str] | None = None) -> None:
+    """`cnnlab-summarize` / `python scripts/summarize.py [dir]`: rank the runs under a folder; table, CSV, plot."""
+    parser = argparse.ArgumentParser(prog="cnnlab-summarize", description=summarize_main.__doc__)
+    parser.add_argument("dir", nargs="?", default="outputs", help="a sweep, search or outputs folder (default outputs)")
+    args = parser.parse_args(argv)
+    from cnnlab.summarize import summarize
+
+    run_reporting_user_errors(lambda _: summarize(Path(args.dir)), None)
