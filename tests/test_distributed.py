@@ -115,7 +115,7 @@ def test_sweep_with_a_ddp_trainer_is_refused_before_any_run(tmp_path):
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert "cannot use a distributed trainer" in result.stderr and "submitit_slurm" in result.stderr
+    assert "cannot use a distributed trainer" in result.stderr and "hydra/launcher=slurm_ddp" in result.stderr
     assert not list(tmp_path.glob("**/metrics.json"))
 
 

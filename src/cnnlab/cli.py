@@ -48,9 +48,17 @@ def train_main(cfg: DictConfig) -> float | None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="search")
 def search_main(cfg: DictConfig) -> float | None:
     """`cnnlab-search` / `python scripts/search.py`: an Optuna search whose trials are ordinary training runs."""
-    from cnnlab.search import search
 
-    best = run_reporting_user_errors(search, cfg)
+    def run_search(cfg: DictConfig) -> dict:
+        try:
+            from cnnlab.search import search
+        except ModuleNotFoundError as err:
+            if err.name != "optuna":
+                raise
+            raise UserError('scripts/search.py needs Optuna: pip install -e ".[search]".') from err
+        return search(cfg)
+
+    best = run_reporting_user_errors(run_search, cfg)
     return best.get("value")
 
 

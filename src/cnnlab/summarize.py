@@ -7,6 +7,7 @@ Runs are ranked by their best validation accuracy, the number they were selected
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +63,14 @@ def rank_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return ranked
 
 
-def cell(value: Any) -> str:
+DIGITS = {"val_acc_best": 4, "test_acc": 4, "train_seconds": 1, "images_per_s": 0}
+
+
+def cell(row: dict[str, Any], column: str) -> str:
+    value = row[column]
     if value is None:
         return ""
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f"{value:.{DIGITS.get(column, 4)}f}" if isinstance(value, float) else str(value)
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -78,7 +83,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 def write_markdown(rows: list[dict[str, Any]], shared: list[str], path: Path) -> None:
     lines = [f"Overrides shared by all runs: `{' '.join(shared)}`", ""] if shared else []
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(r[c]).replace("|", "\\|") for c in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r, c).replace("|", "\\|") for c in COLUMNS) + " |" for r in rows]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -143,8 +148,8 @@ def summarize(root: Path, console: Console | None = None) -> dict[str, Any]:
     for column in COLUMNS:
         table.add_column(column, justify="right" if column not in ("run", "status", "overrides") else "left")
     for row in rows:
-        table.add_row(*(cell(row[c]) for c in COLUMNS))
-    console = console or Console()
+        table.add_row(*(cell(row, c) for c in COLUMNS))
+    console = console or Console(width=None if sys.stdout.isatty() else 200)  # a log file gets whole rows
     console.print(table)
     console.print(f"Wrote {files['csv']}, {files['markdown']} and {files['plot']} ({curves} curves).")
     return {"rows": rows, "shared_overrides": shared, **{k: str(v) for k, v in files.items()}}

@@ -44,13 +44,13 @@ def is_distributed(trainer: DictConfig) -> bool:
 def refuse_local_distributed_sweep(cfg: DictConfig) -> None:
     """Stop a sweep whose jobs would each start DDP processes from inside one sweeping process."""
     launcher = str(HydraConfig.get().launcher.get("_target_", ""))
-    if is_distributed(cfg.trainer) and "submitit" not in launcher:
+    if is_distributed(cfg.trainer) and not launcher.endswith("SlurmLauncher"):  # submitit_slurm: srun makes them
         raise UserError(
             "A -m sweep cannot use a distributed trainer (trainer=ddp, trainer.devices > 1 or trainer.num_nodes > 1) "
             "with the local launcher: Lightning would start each job's extra processes by re-running the whole "
             "sweep command. Run each configuration as its own command (python scripts/train.py trainer=ddp ...), "
-            "sweep with one device per job, or sweep on SLURM with hydra/launcher=submitit_slurm, where every job "
-            "is its own allocation."
+            "sweep with one device per job, or sweep on SLURM with hydra/launcher=slurm_ddp (submitit), where every "
+            "job is its own allocation with one task per device."
         )
 
 
