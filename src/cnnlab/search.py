@@ -91,7 +91,7 @@ def open_study(cfg: DictConfig, search_dir: Path) -> optuna.Study:
         [s.study_name for s in optuna.get_all_study_summaries(storage)] if (search_dir / STUDY_FILE).is_file() else []
     )
     sampler_cfg = OmegaConf.to_container(cfg.sampler, resolve=True)
-    if previous and "seed" in sampler_cfg:  # a continued search must not propose the first trials again
+    if previous and sampler_cfg.get("seed") is not None:  # a continued search must not propose the first trials again
         sampler_cfg["seed"] += len(optuna.load_study(study_name="search", storage=storage).trials)
     study = optuna.create_study(
         storage=storage,
