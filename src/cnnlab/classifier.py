@@ -84,7 +84,8 @@ class ImageClassifier(L.LightningModule):
         logits = self(x)
         loss = self.criterion(logits, y)
         # Per-step self.log costs about a millisecond of Python, as much as a whole LeNet-5 step on a GPU: sums stay
-        # on the device and are logged once per epoch; the progress bar gets the loss every log_every_n_steps steps.
+        # on the device and are logged once per epoch (torchmetrics reduces them across DDP ranks); the progress bar
+        # gets the loss every log_every_n_steps steps.
         self.train_loss.update(loss.detach(), len(y))
         self.train_acc.update(logits.detach(), y)
         if batch_idx % self.trainer.log_every_n_steps == 0:
@@ -105,7 +106,7 @@ class ImageClassifier(L.LightningModule):
         x, y = batch
         logits = self.predict_logits(x)
         metric(logits, y)
-        self.log(f"{stage}/loss", self.criterion(logits, y), on_epoch=True, prog_bar=stage == "val")
+        self.log(f"{stage}/loss", self.criterion(logits, y), on_epoch=True, prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=stage == "val")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -1,5 +1,6 @@
 """Console entry points: thin Hydra wrappers around the plain functions in cnnlab.train and friends."""
 
+import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +34,13 @@ def run_reporting_user_errors(fn: Callable[[DictConfig], dict], cfg: DictConfig)
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def train_main(cfg: DictConfig) -> float | None:
     """`cnnlab-train` / `python scripts/train.py`: train, test, and write the run directory."""
+    from cnnlab.sweep import in_multirun, refuse_local_distributed_sweep, run_recording_failure
     from cnnlab.train import train
 
+    if in_multirun():  # a failing job is recorded and the sweep goes on; the sweep's exit code reports it
+        run_reporting_user_errors(refuse_local_distributed_sweep, cfg)
+        metrics = run_recording_failure(train, cfg)
+        return metrics.get("val_acc_best") if metrics else None
     metrics = run_reporting_user_errors(train, cfg)
     return metrics.get("val_acc_best")
 
@@ -53,3 +59,30 @@ def inspect_main(cfg: DictConfig) -> None:
     from cnnlab.inspect_model import inspect_model
 
     run_reporting_user_errors(inspect_model, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="search")
+def search_main(cfg: DictConfig) -> float | None:
+    """`cnnlab-search` / `python scripts/search.py`: an Optuna search whose trials are ordinary training runs."""
+
+    def run_search(cfg: DictConfig) -> dict:
+        try:
+            from cnnlab.search import search
+        except ModuleNotFoundError as err:
+            if err.name != "optuna":
+                raise
+            raise UserError('scripts/search.py needs Optuna: pip install -e ".[search]".') from err
+        return search(cfg)
+
+    best = run_reporting_user_errors(run_search, cfg)
+    return best.get("value")
+
+
+def summarize_main(argv: list[str] | None = None) -> None:
+    """`cnnlab-summarize` / `python scripts/summarize.py [dir]`: rank the runs under a folder; table, CSV, plot."""
+    parser = argparse.ArgumentParser(prog="cnnlab-summarize", description=summarize_main.__doc__)
+    parser.add_argument("dir", nargs="?", default="outputs", help="a sweep, search or outputs folder (default outputs)")
+    args = parser.parse_args(argv)
+    from cnnlab.summarize import summarize
+
+    run_reporting_user_errors(lambda _: summarize(Path(args.dir)), None)

@@ -38,21 +38,22 @@ def build_classifier(cfg: DictConfig) -> ImageClassifier:
     return classifier
 
 
-def build_trainer(cfg: DictConfig) -> L.Trainer:
-    """The Trainer with the configured callbacks and loggers."""
+def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> L.Trainer:
+    """The Trainer with the configured callbacks (and extra_callbacks, e.g. a search's pruning) and loggers."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks += extra_callbacks or []
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Fit, then test the best checkpoint; returns the metrics written to <run dir>/metrics.json."""
     run_dir = Path(cfg.run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # missing files are reported before anything is built
     classifier = build_classifier(cfg)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, extra_callbacks)
     console = Console(stderr=False)
     if trainer.is_global_zero:
         console.print(OmegaConf.to_yaml(cfg, resolve=True), markup=False, highlight=False)
@@ -67,7 +68,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "train_seconds": round(train_seconds, 3),
-        "train_images_per_second": round(trainer.global_step * datamodule.batch_size / train_seconds, 1),
+        # Every process takes data.batch_size images per step: the global batch is that times the world size.
+        "global_batch_size": datamodule.batch_size * trainer.world_size,
+        "train_images_per_second": round(
+            trainer.global_step * datamodule.batch_size * trainer.world_size / train_seconds, 1
+        ),
         "val_acc_best": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score else None,
         "best_checkpoint": best_path or None,
     }

@@ -187,7 +187,7 @@ class ImageDataModule(L.LightningDataModule):
         images, labels = self.splits[split]
         if self.loader == "tensor":
             rank, world_size = getattr(self, "rank", 0), getattr(self, "world_size", 1)
-            sampler = EpochSampler(len(labels), shuffle, self.seed, rank, world_size)
+            sampler = EpochSampler(len(labels), shuffle, self.seed, rank, world_size, pad=split == "train")
             return TensorLoader(images, labels, batch_size, sampler, self.batch_transform(augment))
         dataset = ImageTensorDataset(images, labels, self.image_transform(augment))
         return DataLoader(

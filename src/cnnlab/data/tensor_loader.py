@@ -15,14 +15,20 @@ from torch import Tensor
 class EpochSampler:
     """Indices of one epoch: a permutation seeded by (seed, epoch), sharded across ranks as DistributedSampler does.
 
-    Each rank gets every world_size-th index of the (padded) permutation, so ranks see disjoint, equal-sized shards.
+    Each rank gets every world_size-th index of the permutation, so ranks see disjoint shards. With pad (training)
+    the permutation is first padded by wrapping around so that every rank gets the same number of samples, as DDP's
+    per-step gradient exchange needs; without pad (evaluation) the shards may differ by one sample and together hold
+    every sample exactly once, so metrics gathered across ranks count each sample once.
     Lightning calls set_epoch at the start of every training epoch.
     """
 
-    def __init__(self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, n: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, pad: bool = True
+    ) -> None:
         self.n, self.shuffle, self.seed, self.rank, self.world_size = n, shuffle, seed, rank, world_size
+        self.pad = pad
         self.epoch = 0
-        self.num_samples = math.ceil(n / world_size)
+        self.num_samples = math.ceil(n / world_size) if pad else len(range(rank, n, world_size))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -33,6 +39,8 @@ class EpochSampler:
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
+        if not self.pad:
+            return order[self.rank :: self.world_size]
         total = self.num_samples * self.world_size
         if total > self.n:  # pad by wrapping around, as DistributedSampler does
             order = torch.cat([order, order[: total - self.n]])

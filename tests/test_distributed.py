@@ -1,0 +1,130 @@
+"""Distributed data parallel on CPU (gloo): two processes launched by Lightning, and two torchrun "nodes"."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from cnnlab.classifier import ImageClassifier
+from tests.conftest import REPO, make_mnist
+
+TRAIN = str(REPO / "scripts" / "train.py")
+TWO_EPOCHS = [
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=4",
+    "data.batch_size=32",
+    "data.eval_batch_size=64",
+    "data.val_size=100",
+    "data.download=false",
+    "callbacks.progress_bar=null",
+    "+trainer.enable_progress_bar=false",
+]
+
+
+@pytest.fixture(scope="module")
+def odd_mnist(tmp_path_factory) -> Path:
+    """A tiny MNIST whose 201 test images do not split evenly over two processes."""
+    return make_mnist(tmp_path_factory.mktemp("odd_mnist"), n_train=600, n_test=201)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_writes_one_run_dir_and_a_checkpoint_one_process_loads(odd_mnist, tmp_path):
+    args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"data.data_dir={odd_mnist}", *TWO_EPOCHS]
+    result = subprocess.run([sys.executable, TRAIN, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Starting with 2 processes" in result.stdout + result.stderr
+
+    (run_dir,) = (tmp_path / "outputs" / "train").iterdir()  # the second rank wrote into the same run dir
+    assert list(tmp_path.iterdir()) == [tmp_path / "outputs"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".hydra", "checkpoints", "env.json", "metrics.json", "tensorboard", "train.log", "train_ddp_process_1.log"
+    ]  # fmt: skip
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["global_batch_size"] == 64 and metrics["global_step"] == 8  # 4 steps of 2 x 32 images per epoch
+
+    ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    classifier = ImageClassifier(**ckpt["hyper_parameters"])
+    classifier.load_state_dict(ckpt["state_dict"])
+    datamodule = instantiate(ckpt["hyper_parameters"]["data"])
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    (single,) = trainer.test(classifier, datamodule=datamodule, verbose=False)
+    # Two shards of 101 and 100 test images, gathered: every test image counted once, so accuracy matches exactly.
+    assert metrics["test_acc"] == pytest.approx(single["test/acc"], abs=1e-6)
+
+
+def test_torchrun_two_single_process_nodes_on_loopback_write_one_metrics_json(odd_mnist, tmp_path):
+    port = free_port()
+    args = [
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.num_nodes=2",
+        "trainer.devices=1",
+        "data.loader=torchvision",  # the Dataset path: Lightning gives each rank a DistributedSampler
+        f"data.data_dir={odd_mnist}",
+        "hydra.run.dir=run",
+        *TWO_EPOCHS,
+    ]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={rank}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                TRAIN,
+                *args,
+            ],  # fmt: skip
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert list(tmp_path.iterdir()) == [tmp_path / "run"]
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("**/metrics.json")] == ["run/metrics.json"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["global_batch_size"] == 64 and metrics["epochs"] == 2
+    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_sweep_with_a_ddp_trainer_is_refused_before_any_run(tmp_path):
+    result = subprocess.run(
+        [sys.executable, TRAIN, "-m", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "seed=1,2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "cannot use a distributed trainer" in result.stderr and "hydra/launcher=slurm_ddp" in result.stderr
+    assert not list(tmp_path.glob("**/metrics.json"))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_evaluation_shards_hold_every_sample_exactly_once(world_size):
+    from cnnlab.data.tensor_loader import EpochSampler
+
+    shards = [EpochSampler(201, False, rank=r, world_size=world_size, pad=False).indices() for r in range(world_size)]
+    assert sorted(torch.cat(shards).tolist()) == list(range(201))
+    assert [len(EpochSampler(201, False, rank=r, world_size=world_size, pad=False)) for r in range(world_size)] == [
+        len(s) for s in shards
+    ]

@@ -1,0 +1,76 @@
+"""The Optuna search: unpromising trials pruned, failing ones recorded, a killed search resumed."""
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from cnnlab.errors import UserError
+from cnnlab.search import PruneOnValAcc, search
+from cnnlab.train import train
+from tests.conftest import compose_config, fast_overrides
+from tests.test_sweeps import QUICK, script
+
+
+def test_pruning_callback_stops_a_trial_whose_val_acc_the_pruner_rejects(tiny_data, tmp_path):
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=1.1))
+    trial = study.ask()  # any accuracy is below 1.1: pruned after its first validation
+    cfg = compose_config([*fast_overrides(tiny_data), "trainer.max_epochs=3", "trainer.limit_train_batches=2"],
+                         tmp_path / "run")  # fmt: skip
+    pruning = PruneOnValAcc(trial)
+    metrics = train(cfg, extra_callbacks=[pruning])
+    assert pruning.pruned_at == 0 and metrics["epochs"] == 1
+    assert list(study.trials[0].intermediate_values) == [0]
+
+
+def search_command(tiny_data: Path, n_trials: int, *extra: str) -> list[str]:
+    return script("search.py", f"n_trials={n_trials}", *QUICK, "trainer.max_epochs=1", f"data.data_dir={tiny_data}",
+                  "hydra.run.dir=search", *extra, cwd=Path())  # fmt: skip
+
+
+def trials_in(study_db: Path) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="search", storage=f"sqlite:///{study_db}").trials
+
+
+def test_search_killed_after_its_second_trial_resumes_and_finishes_its_trial_count(tiny_data, tmp_path):
+    command = search_command(tiny_data, 3)
+    first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "search" / "1" / "metrics.json").exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the search ended before its second trial"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not (tmp_path / "search" / "best.json").exists()
+    first_trial = (tmp_path / "search" / "0" / "metrics.json").read_text()
+
+    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = trials_in(tmp_path / "search" / "study.db")
+    finished = [t for t in trials if t.state != TrialState.RUNNING and not t.user_attrs.get("interrupted")]
+    assert len(finished) == 3 and all(t.state != TrialState.RUNNING for t in trials)
+    assert (tmp_path / "search" / "0" / "metrics.json").read_text() == first_trial  # trial 0 was not run again
+    best = json.loads((tmp_path / "search" / "best.json").read_text())
+    assert best["value"] == max(t.value for t in finished if t.state == TrialState.COMPLETE)
+    assert any(o.startswith("optimizer.lr=") for o in best["overrides"])
+
+
+def test_search_records_failing_trials_and_still_runs_all_of_them(tiny_data, tmp_path):
+    command = search_command(tiny_data, 2, "+search_space.data.val_size={type: categorical, choices: [99999]}")
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "No trial of the search" in result.stderr  # nothing to call best
+    states = [t.state for t in trials_in(tmp_path / "search" / "study.db")]
+    assert states == [TrialState.FAIL, TrialState.FAIL]
+    for number in (0, 1):
+        assert json.loads((tmp_path / "search" / str(number) / "failed.json").read_text())["error"] == "UserError"
+
+
+def test_search_refuses_a_distributed_trainer_before_any_trial(tmp_path):
+    with pytest.raises(UserError, match="cannot use a distributed trainer"):
+        search(compose_config(["trainer=ddp"], tmp_path / "search", config_name="search"))
+    assert not (tmp_path / "search").exists()

@@ -1,0 +1,58 @@
+"""Sweeps (-m): a failing job is recorded and the sweep goes on; the summary ranks the jobs."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+QUICK = [
+    "data.batch_size=32",
+    "data.eval_batch_size=64",
+    "data.val_size=100",
+    "data.download=false",
+    "trainer=cpu",
+    "trainer.limit_train_batches=4",
+    "callbacks.progress_bar=null",
+    "+trainer.enable_progress_bar=false",
+]
+
+
+def script(name: str, *args: str, cwd: Path) -> list[str]:
+    return [sys.executable, str(REPO / "scripts" / name), *args]
+
+
+def test_sweep_records_a_failed_job_runs_the_rest_and_summarizes_them_ranked(tiny_data, tmp_path):
+    # Job 0 asks for more validation images than there are training images (a UserError); job 1 trains.
+    sweep = subprocess.run(
+        script("train.py", "-m", *QUICK, "trainer.max_epochs=2", f"data.data_dir={tiny_data}",
+               "data.val_size=99999,100", "hydra.sweep.dir=sweep", cwd=tmp_path),
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert sweep.returncode == 1, sweep.stderr[-3000:]  # all jobs ran, and the exit code says one failed
+    assert "1 job(s) of the sweep" in sweep.stderr and "data.val_size=99999" in sweep.stderr
+    failed = json.loads((tmp_path / "sweep" / "0" / "failed.json").read_text())
+    assert failed["status"] == "failed" and failed["error"] == "UserError" and "val_size" in failed["message"]
+    assert not (tmp_path / "sweep" / "0" / "metrics.json").exists()
+    assert json.loads((tmp_path / "sweep" / "1" / "metrics.json").read_text())["epochs"] == 2
+
+    summary = subprocess.run(script("summarize.py", "sweep", cwd=tmp_path), cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))
+    assert [(r["rank"], r["run"], r["overrides"]) for r in rows] == [
+        ("1", "1", "data.val_size=100"),
+        ("2", "0", "data.val_size=99999"),
+    ]
+    assert rows[0]["status"] == "ok" and float(rows[0]["val_acc_best"]) > 0 and rows[1]["status"].startswith("failed")
+    assert "| 1 | 1 | ok | data.val_size=100 |" in (tmp_path / "sweep" / "summary.md").read_text()
+    assert (tmp_path / "sweep" / "val_acc.png").read_bytes()[:4] == b"\x89PNG"
+    assert "(1 curves)" in summary.stdout
+
+
+def test_summarize_without_runs_says_so_with_exit_2(tmp_path):
+    result = subprocess.run(script("summarize.py", "nothing", cwd=tmp_path), cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "No runs under nothing" in result.stderr
