@@ -48,7 +48,9 @@ def resolve_checkpoints(spec: str | list[str]) -> list[Path]:
         entry = str(entry)
         matches = sorted(glob.glob(entry, recursive=True)) if GLOB_CHARS & set(entry) else [entry]
         if not matches:
-            raise UserError(f"ckpt_path={entry} matches no file. Check the path or pattern (relative to where you run)")
+            raise UserError(
+                f"ckpt_path={entry} matches no file. Check the path or pattern (relative to where you run it)."
+            )
         for match in map(Path, matches):
             if match.is_dir():
                 below = sorted(match.rglob("checkpoints/best.ckpt"))
@@ -205,9 +207,9 @@ COLUMNS = ("rank", "checkpoint", "model", "acc", "top5_acc", "macro_f1", "loss",
 
 
 def comparison_rows(results: list[Evaluation]) -> list[dict[str, Any]]:
-    """One row per checkpoint, ranked by accuracy (best first)."""
+    """One row per checkpoint, ranked by accuracy (best first; ties by lower loss)."""
     split = results[0].metrics["split"]
-    ranked = sorted(results, key=lambda r: -r.metrics[f"{split}_acc"])
+    ranked = sorted(results, key=lambda r: (-r.metrics[f"{split}_acc"], r.metrics[f"{split}_loss"]))
     return [
         {
             "rank": rank,
@@ -253,7 +255,8 @@ def print_results(console: Console, results: list[Evaluation], rows: list[dict[s
         split = results[0].metrics["split"]
         table = Table(title=f"{len(rows)} checkpoints on the {split} split, ranked by accuracy")
         for column in COLUMNS:
-            table.add_column(column, justify="left" if column in ("checkpoint", "model") else "right")
+            left = column in ("checkpoint", "model")
+            table.add_column(column, justify="left" if left else "right", overflow="fold" if left else "ellipsis")
         for row in rows:
             table.add_row(*(_cell(row[c]) for c in COLUMNS))
     console.print(table)
