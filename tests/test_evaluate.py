@@ -147,11 +147,12 @@ def test_several_checkpoints_are_ranked_in_one_table(trained, tmp_path):
     assert sorted(p.name for p in eval_dir.glob("*/metrics.json")) == ["metrics.json"] * 3
 
 
-def test_a_list_of_checkpoints_is_evaluated_in_one_run(trained, tmp_path):
+def test_a_list_of_checkpoints_resolves_each_file_once(trained):
     run_dir, _ = trained
-    spec = f"ckpt_path=[{run_dir}/checkpoints/best.ckpt,{run_dir}/checkpoints/last.ckpt]"
-    result = evaluate(eval_config(tmp_path, spec))
-    assert len(result["ranking"]) == 2 and (tmp_path / "comparison.csv").is_file()
+    best, last = run_dir / "checkpoints" / "best.ckpt", run_dir / "checkpoints" / "last.ckpt"
+    assert resolve_checkpoints([str(best), str(last), str(run_dir)]) == [best, last]  # the run dir adds best again
+    with pytest.raises(UserError, match="no checkpoints/best.ckpt"):
+        resolve_checkpoints([str(run_dir / "tensorboard")])
 
 
 @pytest.mark.parametrize("kind", list(EXPECTED_MESSAGE))
