@@ -151,7 +151,7 @@ def test_a_list_of_checkpoints_resolves_each_file_once(trained):
     run_dir, _ = trained
     best, last = run_dir / "checkpoints" / "best.ckpt", run_dir / "checkpoints" / "last.ckpt"
     assert resolve_checkpoints([str(best), str(last), str(run_dir)]) == [best, last]  # the run dir adds best again
-    with pytest.raises(UserError, match="no checkpoints/best.ckpt"):
+    with pytest.raises(UserError, match="without any checkpoints/best.ckpt"):
         resolve_checkpoints([str(run_dir / "tensorboard")])
 
 
@@ -231,3 +231,24 @@ def test_eval_script_writes_its_report_under_outputs_eval(trained, tmp_path):
     written = json.loads((run_dir / "metrics.json").read_text())
     assert json.loads((eval_dir / "metrics.json").read_text())["test_acc"] == pytest.approx(written["test_acc"])
     assert "test_acc" in result.stdout
+
+
+def test_an_unknown_data_key_is_refused_with_the_stored_keys(trained, tmp_path):
+    run_dir, _ = trained
+    with pytest.raises(UserError, match="data.colour is not a key") as err:
+        evaluate(eval_config(tmp_path, f"ckpt_path={run_dir}/checkpoints/best.ckpt", "+data.colour=red"))
+    assert "eval_batch_size" in str(err.value)
+
+
+def test_console_scripts_name_the_entry_points():
+    import importlib
+    import re
+
+    from tests.conftest import REPO
+
+    pyproject = (REPO / "pyproject.toml").read_text()  # tomllib is not in Python 3.10
+    for name in ("eval", "predict", "export"):
+        module, function = re.search(rf'^cnnlab-{name} = "([\w.]+):(\w+)"$', pyproject, re.M).groups()
+        assert callable(getattr(importlib.import_module(module), function))
+        wrapper = (REPO / "scripts" / f"{name}.py").read_text()
+        assert f"from cnnlab.cli import {function}" in wrapper

@@ -90,13 +90,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
 @torch.inference_mode()
-def logits_and_labels(classifier, loader, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The classifier's logits over every batch of loader, in the loader's (unshuffled) order, on the CPU."""
+def logits_and_labels(classifier, loader, device: torch.device, precision: str = "32-true") -> tuple[Tensor, Tensor]:
+    """The classifier's logits over every batch of loader, in the loader's (unshuffled) order, on the CPU.
+
+    precision="bf16-mixed" / "16-mixed" runs under the same autocast as Lightning's mixed-precision Trainer.
+    """
+    if precision not in PRECISIONS:
+        raise UserError(f"precision={precision!r} is not known; choose one of {', '.join(PRECISIONS)}.")
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     classifier.to(device)
     logits, labels = [], []
     for x, y in loader:
-        logits.append(classifier(x.to(device)).float().cpu())
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits.append(classifier(x.to(device)).float().cpu())
         labels.append(y.cpu())
     return torch.cat(logits), torch.cat(labels)
 
@@ -150,7 +160,7 @@ def evaluate_checkpoint(path: Path, ckpt: dict[str, Any], datamodule, cfg: DictC
     datamodule.setup("test")
     classifier = classifier_from_checkpoint(ckpt, str(path))
     loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
-    logits, labels = logits_and_labels(classifier, loader, pick_device(cfg.device))
+    logits, labels = logits_and_labels(classifier, loader, pick_device(cfg.device), str(cfg.precision))
     hparams = ckpt["hyper_parameters"]
     class_names = list(datamodule.class_names)
     metrics, confusion = score(logits, labels, class_names, hparams.get("label_smoothing", 0.0), cfg.split)
@@ -264,6 +274,8 @@ def print_results(console: Console, results: list[Evaluation], rows: list[dict[s
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate cfg.ckpt_path (one or many checkpoints); returns the metrics (for many: the ranked rows too)."""
+    if str(cfg.precision) not in PRECISIONS:
+        raise UserError(f"precision={cfg.precision!r} is not known; choose one of {', '.join(PRECISIONS)}.")
     if cfg.split not in SPLITS:
         raise UserError(f"split={cfg.split!r} is not known; choose one of {', '.join(SPLITS)}.")
     if cfg.ckpt_path is None or cfg.ckpt_path == "":
