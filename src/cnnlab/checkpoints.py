@@ -41,11 +41,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if "weights only" not in str(err).lower():
             raise _corrupt(path, err) from None
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        what = f" (it asks for {found.group(1)})" if found else ""
+        if found:
+            what = f"objects that only arbitrary unpickling could create (it asks for {found.group(1)})"
+        else:  # an opcode the safe loader does not accept: damaged, or built to run code
+            detail = next((line for line in str(err).splitlines() if "Unsupported" in line), "")
+            what = f"content that the safe loader does not accept ({detail.strip()[:120] or 'unknown opcode'})"
         raise UserError(
-            f"Checkpoint {path} holds objects that only arbitrary unpickling could create{what}, so it was refused "
-            "and none of its content ran. cnnlab checkpoints hold tensors and plain values only; use a checkpoint "
-            "written by `cnnlab-train`, and do not load files from sources you do not trust."
+            f"Checkpoint {path} holds {what}, so it was refused and none of its content ran. cnnlab checkpoints "
+            "hold tensors and plain values only; use a checkpoint written by `cnnlab-train`, and do not load files "
+            "from sources you do not trust."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise _corrupt(path, err) from None
