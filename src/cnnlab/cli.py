@@ -86,3 +86,27 @@ def summarize_main(argv: list[str] | None = None) -> None:
     from cnnlab.summarize import summarize
 
     run_reporting_user_errors(lambda _: summarize(Path(args.dir)), None)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+def eval_main(cfg: DictConfig) -> None:
+    """`cnnlab-eval` / `python scripts/eval.py`: score checkpoints and write reports, figures and a ranking."""
+    from cnnlab.evaluate import evaluate
+
+    run_reporting_user_errors(evaluate, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
+def predict_main(cfg: DictConfig) -> None:
+    """`cnnlab-predict` / `python scripts/predict.py`: classify image files with a checkpoint."""
+    from cnnlab.predict import predict
+
+    run_reporting_user_errors(predict, cfg)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
+def export_main(cfg: DictConfig) -> None:
+    """`cnnlab-export` / `python scripts/export.py`: write a checkpoint's model as ONNX or TorchScript, verified."""
+    from cnnlab.export import export
+
+    run_reporting_user_errors(export, cfg)

@@ -1,0 +1,122 @@
+"""Load a training checkpoint safely and rebuild its classifier and data configuration from it alone.
+
+Checkpoints are read with `torch.load(weights_only=True)`: tensors, containers and plain values only. A file that
+would need arbitrary unpickling (which can run any code) is refused before anything in it executes. Every problem
+a user can fix is a UserError naming the file.
+"""
+
+import hashlib
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cnnlab.errors import UserError
+
+# A checkpoint written by this project stores these constructor arguments of ImageClassifier.
+REQUIRED_HPARAMS = ("model", "optimizer", "data")
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6 is a zip archive
+PICKLE_MAGIC = b"\x80"  # the legacy torch.save format starts with a pickle protocol opcode
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at path as a dict on the CPU, checked to be a cnnlab classifier checkpoint."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"Checkpoint {path} does not exist. Check the path (relative paths start where you run).")
+    if path.is_dir():
+        raise UserError(f"Checkpoint {path} is a directory; give a .ckpt file, e.g. {path}/checkpoints/best.ckpt.")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC)):
+        raise UserError(
+            f"{path} is not a checkpoint: it is not a file written by torch.save (its first bytes are "
+            f"{head.hex() or 'missing'}). Give the .ckpt file a training run wrote under <run dir>/checkpoints/."
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise _corrupt(path, err) from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found:
+            what = f"objects that only arbitrary unpickling could create (it asks for {found.group(1)})"
+        else:  # an opcode the safe loader does not accept: damaged, or built to run code
+            detail = next((line for line in str(err).splitlines() if "Unsupported" in line), "")
+            what = f"content that the safe loader does not accept ({detail.strip()[:120] or 'unknown opcode'})"
+        raise UserError(
+            f"Checkpoint {path} holds {what}, so it was refused and none of its content ran. cnnlab checkpoints "
+            "hold tensors and plain values only; use a checkpoint written by `cnnlab-train`, and do not load files "
+            "from sources you do not trust."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise _corrupt(path, err) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UserError(
+            f"{path} is a PyTorch file but not a Lightning checkpoint (it has no state_dict). Give the .ckpt file a "
+            "training run wrote under <run dir>/checkpoints/."
+        )
+    hparams = ckpt.get("hyper_parameters")
+    missing = [k for k in REQUIRED_HPARAMS if not isinstance((hparams or {}).get(k), dict)]
+    if missing or not str(hparams["model"].get("_target_", "")).startswith("cnnlab."):
+        raise UserError(
+            f"Checkpoint {path} was not written by cnnlab: its hyper_parameters lack "
+            f"{', '.join(missing) or 'a cnnlab model _target_'}, so the model and data cannot be rebuilt from it. "
+            "Give a checkpoint written by `cnnlab-train` (<run dir>/checkpoints/best.ckpt)."
+        )
+    return ckpt
+
+
+def _corrupt(path: Path, err: Exception) -> UserError:
+    return UserError(
+        f"Checkpoint {path} is truncated or corrupt and cannot be read ({type(err).__name__}: "
+        f"{str(err).splitlines()[0][:160] if str(err) else 'no detail'}). Copy it again or use another checkpoint "
+        "of the run (last.ckpt)."
+    )
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_config(ckpt: dict[str, Any], overrides: dict[str, Any] | None = None, source: str = "") -> dict[str, Any]:
+    """The checkpoint's stored data config with the overrides whose value is not None put over it."""
+    stored = dict(ckpt["hyper_parameters"]["data"])
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(stored))
+    if unknown:
+        raise UserError(
+            f"data.{unknown[0]} is not a key of the data config stored in checkpoint {source}; the keys are "
+            f"{', '.join(sorted(stored))}."
+        )
+    return {**stored, **given}
+
+
+def classifier_from_checkpoint(ckpt: dict[str, Any], source: str = ""):
+    """The ImageClassifier a checkpoint describes, with its trained weights, in eval mode on the CPU."""
+    from cnnlab.classifier import ImageClassifier  # Lightning loads only once the file is known to be good
+
+    hparams = ckpt["hyper_parameters"]
+    keys = ("model", "optimizer", "scheduler", "data", "label_smoothing", "channels_last")
+    try:
+        classifier = ImageClassifier(**{k: hparams[k] for k in keys if k in hparams})
+    except Exception as err:  # a stored config naming a class or argument this version does not have
+        raise UserError(
+            f"The model stored in checkpoint {source} cannot be rebuilt ({type(err).__name__}: {err}). It may come "
+            "from another version of cnnlab; evaluate it with that version."
+        ) from None
+    try:
+        classifier.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise UserError(
+            f"The weights in checkpoint {source} do not fit the model its hyper_parameters describe "
+            f"({str(err).splitlines()[0]}). The file was edited or is damaged; use another checkpoint."
+        ) from None
+    return classifier.eval()

@@ -1,0 +1,133 @@
+"""export(cfg): write a checkpoint's model as ONNX or TorchScript and check it against PyTorch on a batch.
+
+The exported network is the plain model (no Lightning): input `images`, a float32 batch normalized as the data
+config says (N x C x H x W, any N), output `logits`. ONNX uses the TorchScript-based exporter
+(`torch.onnx.export(dynamo=False)`): the newer torch.export-based one needs the separate `onnxscript` package and
+gives nothing this network needs. The file is written beside its final name and renamed into place only once its
+outputs match PyTorch's within the tolerance.
+"""
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from cnnlab.atomic_files import move_into_place
+from cnnlab.checkpoints import classifier_from_checkpoint, data_config, load_checkpoint
+from cnnlab.errors import UserError
+
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+
+
+def sample_batch(ckpt: dict[str, Any], size: int, seed: int = 0) -> Tensor:
+    """Random uint8 images of the stored shape, normalized by the DataModule's evaluation transform."""
+    datamodule = instantiate(data_config(ckpt), _convert_="all")
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (size, *datamodule.image_shape), dtype=torch.uint8, generator=generator)
+    return datamodule.batch_transform(augment=False)(images)
+
+
+def export_onnx(model: nn.Module, example: Tensor, path: Path, opset: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based exporter is marked legacy
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=opset,
+        )
+
+
+def run_onnx(path: Path, batch: Tensor) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"images": batch.numpy()})[0]
+
+
+def export_torchscript(model: nn.Module, example: Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        # torch.jit is marked deprecated in favour of torch.export, but its files are what C++ and mobile load.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.trace(model, example), str(path))
+
+
+def run_torchscript(path: Path, batch: Tensor) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = torch.jit.load(str(path), map_location="cpu")
+    with torch.inference_mode():
+        return loaded(batch).numpy()
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    """Export cfg.ckpt_path to cfg.format; returns the output path and the largest difference from PyTorch."""
+    if cfg.format not in SUFFIXES:
+        raise UserError(f"format={cfg.format!r} is not known; choose one of {', '.join(SUFFIXES)}.")
+    if not cfg.ckpt_path:
+        raise UserError("ckpt_path is not set: give ckpt_path=<run dir>/checkpoints/best.ckpt.")
+    if cfg.format == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise UserError(
+                "format=onnx needs the onnx and onnxruntime packages (to write and to verify the file); install "
+                'them with `pip install "cnnlab[onnx]"`, or use format=torchscript.'
+            ) from None
+    ckpt = load_checkpoint(cfg.ckpt_path)
+    source = Path(cfg.ckpt_path)
+    output = Path(cfg.output) if cfg.output else source.with_name(source.stem + SUFFIXES[cfg.format])
+    model = classifier_from_checkpoint(ckpt, str(source)).model.float().eval()
+    model = model.to(memory_format=torch.contiguous_format)
+    # Traced at one batch size and checked at another, so a batch dimension baked in as a constant shows up.
+    example, check = sample_batch(ckpt, 2, seed=0), sample_batch(ckpt, cfg.batch_size, seed=1)
+    with torch.inference_mode():
+        expected = model(check).numpy()
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if cfg.format == "onnx":
+            export_onnx(model, example, tmp, cfg.opset)
+            got = run_onnx(tmp, check)
+        else:
+            export_torchscript(model, example, tmp)
+            got = run_torchscript(tmp, check)
+        max_abs_diff = float(np.abs(got - expected).max())
+        if got.shape != expected.shape or not max_abs_diff <= cfg.tolerance:
+            raise UserError(
+                f"The {cfg.format} export of {source} does not reproduce PyTorch: outputs of shape {got.shape} vs "
+                f"{expected.shape}, largest difference {max_abs_diff:.3g} > tolerance={cfg.tolerance}. Nothing was "
+                "written; try the other format."
+            )
+        move_into_place(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    result = {
+        "output": str(output),
+        "format": cfg.format,
+        "batch": cfg.batch_size,
+        "max_abs_diff": max_abs_diff,
+        "tolerance": cfg.tolerance,
+    }
+    print(
+        f"Wrote {output} ({cfg.format}, input images: N x {' x '.join(map(str, check.shape[1:]))}). "
+        f"Checked on {cfg.batch_size} images: max abs difference from PyTorch {max_abs_diff:.2e} "
+        f"(tolerance {cfg.tolerance:g})."
+    )
+    return result

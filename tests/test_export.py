@@ -1,0 +1,78 @@
+"""export(cfg) and scripts/export.py: ONNX and TorchScript files that compute what the PyTorch model computes."""
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from cnnlab.checkpoints import classifier_from_checkpoint, load_checkpoint
+from cnnlab.cli import config_dir
+from cnnlab.errors import UserError
+from cnnlab.export import export
+from tests.checkpoint_helpers import run_script, save_untrained_checkpoint
+
+
+def export_config(*overrides):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="export", overrides=list(overrides))
+
+
+def pytorch_logits(ckpt_path, batch: torch.Tensor) -> np.ndarray:
+    with torch.inference_mode():
+        return classifier_from_checkpoint(load_checkpoint(ckpt_path))(batch).numpy()
+
+
+@pytest.mark.parametrize("model, data", [("lenet5", "mnist"), ("resnet8", "cifar10")])
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_exported_model_matches_pytorch_on_a_new_batch(tiny_data, tmp_path, model, data, fmt):
+    ckpt = save_untrained_checkpoint(tmp_path / "run" / "best.ckpt", tiny_data, model, data)
+    result = export(export_config(f"ckpt_path={ckpt}", f"format={fmt}"))
+    suffix = ".onnx" if fmt == "onnx" else ".torchscript.pt"
+    assert result["output"] == str(tmp_path / "run" / f"best{suffix}")
+    assert result["max_abs_diff"] <= 1e-4
+    shape = load_checkpoint(ckpt)["hyper_parameters"]["data"]["image_shape"]
+    batch = torch.randn(5, *shape, generator=torch.Generator().manual_seed(3))  # a batch size export never saw
+    if fmt == "onnx":
+        session = onnxruntime.InferenceSession(result["output"], providers=["CPUExecutionProvider"])
+        got = session.run(["logits"], {"images": batch.numpy()})[0]
+    else:
+        got = torch.jit.load(result["output"]).eval()(batch).detach().numpy()
+    np.testing.assert_allclose(got, pytorch_logits(ckpt, batch), atol=1e-4, rtol=0)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(["best.ckpt", f"best{suffix}"])
+
+
+def test_export_writes_to_the_output_given(tiny_data, tmp_path):
+    ckpt = save_untrained_checkpoint(tmp_path / "best.ckpt", tiny_data)
+    output = tmp_path / "models" / "digits.onnx"
+    result = export(export_config(f"ckpt_path={ckpt}", "format=onnx", f"output={output}"))
+    assert result["output"] == str(output) and output.stat().st_size > 10_000
+
+
+def test_an_export_that_does_not_reproduce_pytorch_is_not_kept(tiny_data, tmp_path):
+    ckpt = save_untrained_checkpoint(tmp_path / "best.ckpt", tiny_data)
+    with pytest.raises(UserError, match="does not reproduce PyTorch"):
+        export(export_config(f"ckpt_path={ckpt}", "format=torchscript", "tolerance=-1"))  # nothing can pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt"]
+
+
+def test_unknown_format_is_a_user_error():
+    with pytest.raises(UserError, match="onnx, torchscript"):
+        export(export_config("ckpt_path=x.ckpt", "format=tflite"))
+
+
+def test_export_script_reports_the_difference_it_measured(tiny_data, tmp_path):
+    ckpt = save_untrained_checkpoint(tmp_path / "best.ckpt", tiny_data)
+    result = run_script("export", f"ckpt_path={ckpt}", "format=onnx", "output=model.onnx", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max abs difference from PyTorch" in result.stdout and (tmp_path / "model.onnx").is_file()
+    assert "Traceback" not in result.stderr
+
+
+def test_export_script_reports_a_corrupt_checkpoint_with_exit_2(tmp_path):
+    bad = tmp_path / "best.ckpt"
+    bad.write_bytes(b"PK\x03\x04" + b"\x00" * 100)
+    result = run_script("export", f"ckpt_path={bad}", "format=torchscript", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert str(bad) in result.stderr and "truncated or corrupt" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt"]
