@@ -12,9 +12,10 @@ from cnnlab.train import build_classifier
 from tests.conftest import compose_config, fast_overrides
 
 
-def setup_run(tiny_data, tmp_path, model="resnet8", data="mnist"):
+def setup_run(tiny_data, tmp_path, model="resnet8", data="mnist", **trainer_args):
     cfg = compose_config(fast_overrides(tiny_data, model, data), tmp_path)
     dm = instantiate(cfg.data)
+    trainer_args = {"logger": False, **trainer_args}
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=1,
@@ -22,10 +23,10 @@ def setup_run(tiny_data, tmp_path, model="resnet8", data="mnist"):
         limit_val_batches=2,
         limit_test_batches=2,
         limit_predict_batches=2,
-        logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         num_sanity_val_steps=0,
+        **trainer_args,
     )
     return build_classifier(cfg), dm, trainer
 
@@ -88,16 +89,10 @@ def test_every_module_is_in_eval_mode_outside_training_so_dropout_is_off(tiny_da
 
 
 def test_fit_logs_the_documented_metric_names(tiny_data, tmp_path):
-    classifier, dm, _ = setup_run(tiny_data, tmp_path)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=3,
-        limit_val_batches=2,
-        limit_test_batches=2,
+    classifier, dm, trainer = setup_run(
+        tiny_data,
+        tmp_path,
         logger=CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
         log_every_n_steps=1,
         callbacks=[LearningRateMonitor(logging_interval="step")],
     )
