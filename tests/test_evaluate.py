@@ -179,6 +179,28 @@ def test_hostile_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize(
+    "key,node",
+    [
+        ("data", {"_target_": "pathlib.Path.touch"}),
+        ("model", {"_target_": "cnnlab.models.LeNet5", "activation": {"_target_": "pathlib.Path.touch"}}),
+        ("optimizer", {"_target_": "os.system", "_partial_": True}),
+    ],
+)
+def test_checkpoint_whose_configs_would_instantiate_foreign_code_is_refused(trained, tmp_path, key, node):
+    run_dir, _ = trained
+    ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    marker = tmp_path / "marker"
+    node = {k: ({**v, "self": str(marker)} if isinstance(v, dict) else v) for k, v in node.items()}
+    if key == "data":
+        node["self"] = str(marker)
+    ckpt["hyper_parameters"][key] = node
+    torch.save(ckpt, tmp_path / "edited.ckpt")
+    with pytest.raises(UserError, match=f"{key}.*refused"):
+        evaluate(eval_config(tmp_path / "eval", f"ckpt_path={tmp_path / 'edited.ckpt'}"))
+    assert not marker.exists()
+
+
 def test_data_that_does_not_fit_the_model_is_refused_before_any_output(trained, tmp_path):
     run_dir, _ = trained
     best = f"ckpt_path={run_dir}/checkpoints/best.ckpt"

@@ -17,6 +17,14 @@ from cnnlab.errors import UserError
 
 # A checkpoint written by this project stores these constructor arguments of ImageClassifier.
 REQUIRED_HPARAMS = ("model", "optimizer", "data")
+# What each stored config may instantiate. Configs are instantiated by Hydra, which calls any `_target_` it finds, so
+# a checkpoint naming anything else (or nesting a `_target_` deeper) could run code without any unpickling.
+ALLOWED_TARGETS = {
+    "model": "cnnlab.models.",
+    "data": "cnnlab.data.",
+    "optimizer": "torch.optim.",
+    "scheduler": "torch.optim.lr_scheduler.",
+}
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6 is a zip archive
 PICKLE_MAGIC = b"\x80"  # the legacy torch.save format starts with a pickle protocol opcode
 
@@ -66,7 +74,34 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{', '.join(missing) or 'a cnnlab model _target_'}, so the model and data cannot be rebuilt from it. "
             "Give a checkpoint written by `cnnlab-train` (<run dir>/checkpoints/best.ckpt)."
         )
+    check_targets(hparams, path)
     return ckpt
+
+
+def _nested_targets(node: Any, where: str) -> list[str]:
+    if isinstance(node, dict):
+        found = [f"{where}._target_"] if "_target_" in node else []
+        return found + [t for k, v in node.items() for t in _nested_targets(v, f"{where}.{k}")]
+    if isinstance(node, list):
+        return [t for i, v in enumerate(node) for t in _nested_targets(v, f"{where}[{i}]")]
+    return []
+
+
+def check_targets(hparams: dict[str, Any], path: Path) -> None:
+    """Refuse stored configs that would make Hydra call anything but this project's models and data, or torch.optim."""
+    for key, prefix in ALLOWED_TARGETS.items():
+        node = hparams.get(key)
+        if not node:
+            continue
+        target = str(node.get("_target_", ""))
+        nested = [t for k, v in node.items() for t in _nested_targets(v, f"{key}.{k}")]
+        if not target.startswith(prefix) or nested:
+            what = f"{key}._target_={target!r}" if not target.startswith(prefix) else f"a nested {nested[0]}"
+            raise UserError(
+                f"Checkpoint {path} names {what} in its hyper_parameters, where only {prefix}* may stand; rebuilding "
+                "it would call code the checkpoint chose, so it was refused and nothing in it ran. Use a checkpoint "
+                "written by `cnnlab-train`, and do not load files from sources you do not trust."
+            )
 
 
 def _corrupt(path: Path, err: Exception) -> UserError:
@@ -104,7 +139,7 @@ def classifier_from_checkpoint(ckpt: dict[str, Any], source: str = ""):
     from cnnlab.classifier import ImageClassifier  # Lightning loads only once the file is known to be good
 
     hparams = ckpt["hyper_parameters"]
-    keys = ("model", "optimizer", "scheduler", "data", "label_smoothing", "channels_last")
+    keys = ("model", "optimizer", "scheduler", "data", "label_smoothing", "channels_last", "tta_flip")
     try:
         classifier = ImageClassifier(**{k: hparams[k] for k in keys if k in hparams})
     except Exception as err:  # a stored config naming a class or argument this version does not have
