@@ -8,6 +8,8 @@ import hydra
 from omegaconf import DictConfig
 
 from cnnlab.errors import UserError
+from cnnlab.resume import resume_arguments, resume_command
+from cnnlab.stopping import RunInterrupted
 
 
 def config_dir() -> str:
@@ -27,11 +29,39 @@ def run_reporting_user_errors(fn: Callable[[DictConfig], dict], cfg: DictConfig)
         return fn(cfg)
     except UserError as err:
         print(f"\nError: {err}\n", file=sys.stderr)
+        if cfg.get("run_dir") and not cfg.get("resume"):
+            remove_unused_run_dir(Path(cfg.run_dir))
         sys.exit(2)
+    except RunInterrupted as stop:
+        print(
+            f"\nStopped on {stop.signal_name}; the run is saved in {stop.checkpoint}. Continue it with:\n\n"
+            f"    {resume_command(stop.checkpoint.parent.parent)}\n",
+            file=sys.stderr,
+        )
+        sys.exit(stop.exit_code)
+
+
+def remove_unused_run_dir(run_dir: Path) -> None:
+    """Remove the folder Hydra made for a run that stopped before writing anything (only .hydra/ and its log)."""
+    if not run_dir.is_dir() or any(p.name not in (".hydra", "train.log") for p in run_dir.iterdir()):
+        return
+    for path in sorted(run_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    run_dir.rmdir()
+
+
+def train_main() -> None:
+    """`cnnlab-train` / `python scripts/train.py`; `resume=<run dir>` continues that run in its own folder."""
+    try:
+        sys.argv[1:] = resume_arguments(sys.argv[1:])
+    except UserError as err:
+        print(f"\nError: {err}\n", file=sys.stderr)
+        sys.exit(2)
+    hydra_train_main()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def train_main(cfg: DictConfig) -> float | None:
+def hydra_train_main(cfg: DictConfig) -> float | None:
     """`cnnlab-train` / `python scripts/train.py`: train, test, and write the run directory."""
     from cnnlab.train import train
 

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -14,6 +15,8 @@ from rich.table import Table
 
 from cnnlab.classifier import ImageClassifier
 from cnnlab.run_record import environment, write_json
+from cnnlab.stopping import NonFiniteLoss, RunInterrupted
+from cnnlab.validation import validate_config
 
 
 def plain(node: Any) -> Any:
@@ -33,32 +36,51 @@ def build_classifier(cfg: DictConfig) -> ImageClassifier:
     )
 
 
-def build_trainer(cfg: DictConfig) -> L.Trainer:
-    """The Trainer with the configured callbacks and loggers."""
+def build_trainer(cfg: DictConfig, resume_step: int | None = None) -> L.Trainer:
+    """The Trainer with the configured callbacks and loggers.
+
+    resume_step: the checkpoint's step when resuming; TensorBoard hides what the interrupted run logged after it.
+    """
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    loggers = []
+    for lg in (cfg.get("logger") or {}).values():
+        if lg is not None:
+            tensorboard = resume_step is not None and lg._target_.endswith("TensorBoardLogger")
+            loggers.append(instantiate(lg, purge_step=resume_step) if tensorboard else instantiate(lg))
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then test the best checkpoint; returns the metrics written to <run dir>/metrics.json."""
     run_dir = Path(cfg.run_dir)
+    validate_config(cfg)  # bad values stop here, before data is read or anything is written
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # missing files are reported before anything is built
     classifier = build_classifier(cfg)
-    trainer = build_trainer(cfg)
+    resume_step = None
+    if cfg.ckpt_path:
+        resume_step = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    trainer = build_trainer(cfg, resume_step)
     console = Console(stderr=False)
     if trainer.is_global_zero:
         console.print(OmegaConf.to_yaml(cfg, resolve=True), markup=False, highlight=False)
 
     start = time.perf_counter()
-    trainer.fit(classifier, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(classifier, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    except (RunInterrupted, NonFiniteLoss) as stop:
+        status = "interrupted" if isinstance(stop, RunInterrupted) else "diverged"
+        progress = {"status": status, "epochs": trainer.current_epoch, "global_step": trainer.global_step}
+        if trainer.is_global_zero:
+            write_json(run_dir / "metrics.json", {**progress, **logged_so_far(trainer)})
+        raise
     train_seconds = time.perf_counter() - start
 
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
     best_path = checkpoint.best_model_path if checkpoint else ""
     metrics: dict[str, Any] = {
+        "status": "finished",
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "train_seconds": round(train_seconds, 3),
@@ -81,6 +103,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 logger.log_hyperparams(plain(cfg), scores)
         print_summary(console, run_dir, metrics)
     return metrics
+
+
+def logged_so_far(trainer: L.Trainer) -> dict[str, float]:
+    """The last logged value of every metric, e.g. {"val_acc": 0.97}, for the record of a run that stopped early."""
+    return {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
 def print_summary(console: Console, run_dir: Path, metrics: dict[str, Any]) -> None:
