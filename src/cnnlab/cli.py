@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from cnnlab.errors import UserError
 from cnnlab.resume import resume_arguments, resume_command
 from cnnlab.stopping import RunInterrupted
+from cnnlab.validation import check_output_arguments
 
 
 def config_dir() -> str:
@@ -54,6 +55,7 @@ def train_main() -> None:
     """`cnnlab-train` / `python scripts/train.py`; `resume=<run dir>` continues that run in its own folder."""
     try:
         sys.argv[1:] = resume_arguments(sys.argv[1:])
+        check_output_arguments(sys.argv[1:])
     except UserError as err:
         print(f"\nError: {err}\n", file=sys.stderr)
         sys.exit(2)

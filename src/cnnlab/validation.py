@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.errors import UserError
@@ -67,8 +68,9 @@ def check_model_fits_data(cfg: DictConfig) -> None:
         with torch.device("meta"):
             model = build_model(model_cfg).eval()
             out = model(torch.zeros(2, *shape))
-    except (RuntimeError, ValueError, TypeError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except (InstantiationException, RuntimeError, ValueError, TypeError) as err:
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+        first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         settings = ", ".join(f"model.{k}={v}" for k, v in model_cfg.items() if k != "_target_")
         raise UserError(
             f"The model does not fit the data: {model_cfg['_target_']} with {settings} fails on {cfg.data._target_} "
@@ -95,6 +97,15 @@ def check_paths(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     if not _writable(run_dir):
         raise UserError(f"The run folder {run_dir} cannot be written (no permission). Set hydra.run.dir elsewhere.")
+
+
+def check_output_arguments(args: list[str]) -> None:
+    """Before Hydra makes the run folder: the output folders named on the command line must be writable."""
+    values = {a.split("=", 1)[0].lstrip("+"): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
+    for key in ("hydra.run.dir", "paths.output_dir"):
+        folder = values.get(key, "outputs" if key == "paths.output_dir" else None)
+        if folder and not _writable(Path(folder)):
+            raise UserError(f"{key}={folder} cannot be written (no permission). Point it at a writable folder.")
 
 
 def validate_config(cfg: DictConfig) -> None:
