@@ -5,6 +5,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from cnnlab.errors import UserError
@@ -27,7 +28,12 @@ def config_dir() -> str:
 def run_reporting_user_errors(fn: Callable[[DictConfig], dict], cfg: DictConfig) -> dict:
     """Call fn(cfg); a UserError becomes one paragraph on stderr and exit code 2 instead of a traceback."""
     try:
-        return fn(cfg)
+        try:
+            return fn(cfg)
+        except InstantiationException as err:  # a constructor's UserError arrives wrapped by Hydra
+            if isinstance(err.__cause__, UserError):
+                raise err.__cause__ from None
+            raise
     except UserError as err:
         print(f"\nError: {err}\n", file=sys.stderr)
         if cfg.get("run_dir") and not cfg.get("resume"):

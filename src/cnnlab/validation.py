@@ -1,6 +1,6 @@
 """Checks of a composed config before any work starts: each mistake becomes one UserError paragraph naming the key."""
 
-import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,13 @@ def _writable(path: Path) -> bool:
     path = path.expanduser().resolve()
     while not path.exists():
         path = path.parent
-    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+    if not path.is_dir():
+        return False
+    try:  # a real write: permission bits say nothing for root, or for read-only and special filesystems
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
 
 
 def check_numbers(cfg: DictConfig) -> None:
