@@ -3,6 +3,7 @@ run's own overrides plus its folder and checkpoint, so the resumed run has the s
 folder (Hydra creates no new one) and continues its step count, optimizer, schedule and data order.
 """
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,13 @@ def check_checkpoint_fits(ckpt_path: str | Path, model: dict[str, Any]) -> None:
         raise UserError(f"ckpt_path={ckpt_path}: there is no file {path.resolve()}. Check the path.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # weights_only refuses pickled code; a torn or foreign file fails to parse
+    except pickle.UnpicklingError:  # weights_only refused an object that would run code when loaded
+        raise UserError(
+            f"ckpt_path={ckpt_path} holds Python objects that could run code when loaded, so it was not loaded. "
+            "Checkpoints are loaded with torch.load(weights_only=True); use a checkpoint written by this project "
+            "(<run dir>/checkpoints/last.ckpt)."
+        ) from None
+    except Exception as err:  # a torn or foreign file fails to parse
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
             f"ckpt_path={ckpt_path} cannot be loaded safely as a checkpoint ({first_line}). Checkpoints are loaded "
@@ -89,7 +96,10 @@ def check_checkpoint_fits(ckpt_path: str | Path, model: dict[str, Any]) -> None:
             f"ckpt_path={ckpt_path} is not a training checkpoint of this project (it has no model config or no "
             "optimizer state to resume). Use <run dir>/checkpoints/last.ckpt of a run."
         )
-    differing = sorted(k for k in set(saved) | set(model) if saved.get(k) != model.get(k))
+    if saved.get("_target_") != model.get("_target_"):
+        differing = ["_target_"]
+    else:
+        differing = sorted(k for k in set(saved) | set(model) if saved.get(k) != model.get(k))
     if differing:
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {model.get(k)!r}" for k in differing)
         raise UserError(

@@ -84,12 +84,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "train_seconds": round(train_seconds, 3),
-        "train_images_per_second": round(trainer.global_step * datamodule.batch_size / train_seconds, 1),
+        "train_images_per_second": round(
+            (trainer.global_step - (resume_step or 0)) * datamodule.batch_size / train_seconds, 1
+        ),
         "val_acc_best": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score else None,
         "best_checkpoint": best_path or None,
     }
     if cfg.test:
-        results = trainer.test(classifier, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+        results = trainer.test(
+            classifier, datamodule=datamodule, ckpt_path=best_path or None, verbose=False, weights_only=True
+        )
         metrics["test_acc"] = results[0]["test/acc"]
         metrics["test_loss"] = results[0]["test/loss"]
 

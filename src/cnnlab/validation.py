@@ -16,6 +16,11 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _writable(path: Path) -> bool:
     """Whether path can be created or written: the nearest existing folder on its way must be writable."""
     path = path.expanduser().resolve()
@@ -70,18 +75,30 @@ def check_model_fits_data(cfg: DictConfig) -> None:
 
     shape, num_classes = tuple(cfg.data.image_shape), cfg.data.num_classes
     model_cfg = _plain(cfg.model)
+    for key, expected, what in (("in_channels", shape[0], "channels"), ("image_size", shape[1], "pixels per side")):
+        if key in model_cfg and model_cfg[key] != expected:
+            raise UserError(
+                f"model.{key}={model_cfg[key]} does not fit the data: {cfg.data._target_} images have shape "
+                f"{list(shape)}, i.e. {expected} {what}. Leave model.{key} at its default, which follows "
+                "data.image_shape, or pick the data config that matches."
+            )
     try:
         with torch.device("meta"):
             model = build_model(model_cfg).eval()
-            out = model(torch.zeros(2, *shape))
-    except (InstantiationException, RuntimeError, ValueError, TypeError) as err:
+    except (InstantiationException, ValueError, TypeError) as err:
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
-        first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise UserError(
+            f"The model config cannot be built: {model_cfg['_target_']} rejects it ({_first_line(cause)}). "
+            "Fix the model.* value you overrode."
+        ) from None
+    try:
+        with torch.device("meta"):
+            out = model(torch.zeros(2, *shape))
+    except RuntimeError as err:
         settings = ", ".join(f"model.{k}={v}" for k, v in model_cfg.items() if k != "_target_")
         raise UserError(
             f"The model does not fit the data: {model_cfg['_target_']} with {settings} fails on {cfg.data._target_} "
-            f"images of shape {list(shape)} ({first_line}). Leave model.in_channels and model.image_size to follow "
-            "the data config (their defaults), or fix the value you overrode."
+            f"images of shape {list(shape)} ({_first_line(err)}). Fix the model.* value you overrode."
         ) from None
     if tuple(out.shape) != (2, num_classes):
         raise UserError(
