@@ -37,7 +37,7 @@ def run_reporting_user_errors(fn: Callable[[DictConfig], dict], cfg: DictConfig)
     except UserError as err:
         print(f"\nError: {err}\n", file=sys.stderr)
         if cfg.get("run_dir") and not cfg.get("resume"):
-            remove_unused_run_dir(Path(cfg.run_dir))
+            remove_unused_run_dir(Path(cfg.run_dir), Path(cfg.paths.output_dir))
         sys.exit(2)
     except RunInterrupted as stop:
         print(
@@ -48,13 +48,19 @@ def run_reporting_user_errors(fn: Callable[[DictConfig], dict], cfg: DictConfig)
         sys.exit(stop.exit_code)
 
 
-def remove_unused_run_dir(run_dir: Path) -> None:
-    """Remove the folder Hydra made for a run that stopped before writing anything (only .hydra/ and its log)."""
+def remove_unused_run_dir(run_dir: Path, output_dir: Path) -> None:
+    """Remove the folder Hydra made for a run that stopped before writing anything (only .hydra/ and its log),
+    and the folders above it up to output_dir that this leaves empty."""
     if not run_dir.is_dir() or any(p.name not in (".hydra", "train.log") for p in run_dir.iterdir()):
         return
     for path in sorted(run_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink()
     run_dir.rmdir()
+    output_dir = output_dir.resolve()
+    for parent in run_dir.resolve().parents:
+        if output_dir not in (parent, *parent.parents) or any(parent.iterdir()):
+            break
+        parent.rmdir()
 
 
 def train_main() -> None:
