@@ -6,9 +6,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from cnnlab.errors import UserError
+from cnnlab.resume import resume_arguments, resume_command
+from cnnlab.stopping import RunInterrupted
+from cnnlab.validation import check_output_arguments
 
 
 def config_dir() -> str:
@@ -25,14 +29,54 @@ def config_dir() -> str:
 def run_reporting_user_errors(fn: Callable[[DictConfig], dict], cfg: DictConfig) -> dict:
     """Call fn(cfg); a UserError becomes one paragraph on stderr and exit code 2 instead of a traceback."""
     try:
-        return fn(cfg)
+        try:
+            return fn(cfg)
+        except InstantiationException as err:  # a constructor's UserError arrives wrapped by Hydra
+            if isinstance(err.__cause__, UserError):
+                raise err.__cause__ from None
+            raise
+    except UserError as err:
+        print(f"\nError: {err}\n", file=sys.stderr)
+        if cfg is not None and cfg.get("run_dir") and cfg.get("paths") and not cfg.get("resume"):
+            remove_unused_run_dir(Path(cfg.run_dir), Path(cfg.paths.output_dir))
+        sys.exit(2)
+    except RunInterrupted as stop:
+        print(
+            f"\nStopped on {stop.signal_name}; the run is saved in {stop.checkpoint}. Continue it with:\n\n"
+            f"    {resume_command(stop.checkpoint.parent.parent)}\n",
+            file=sys.stderr,
+        )
+        sys.exit(stop.exit_code)
+
+
+def remove_unused_run_dir(run_dir: Path, output_dir: Path) -> None:
+    """Remove the folder Hydra made for a run that stopped before writing anything (only .hydra/ and its log),
+    and the folders above it up to output_dir that this leaves empty."""
+    if not run_dir.is_dir() or any(p.name not in (".hydra", "train.log") for p in run_dir.iterdir()):
+        return
+    for path in sorted(run_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    run_dir.rmdir()
+    output_dir = output_dir.resolve()
+    for parent in run_dir.resolve().parents:
+        if output_dir not in (parent, *parent.parents) or any(parent.iterdir()):
+            break
+        parent.rmdir()
+
+
+def train_main() -> None:
+    """`cnnlab-train` / `python scripts/train.py`; `resume=<run dir>` continues that run in its own folder."""
+    try:
+        sys.argv[1:] = resume_arguments(sys.argv[1:])
+        check_output_arguments(sys.argv[1:])
     except UserError as err:
         print(f"\nError: {err}\n", file=sys.stderr)
         sys.exit(2)
+    hydra_train_main()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def train_main(cfg: DictConfig) -> float | None:
+def hydra_train_main(cfg: DictConfig) -> float | None:
     """`cnnlab-train` / `python scripts/train.py`: train, test, and write the run directory."""
     from cnnlab.sweep import in_multirun, refuse_local_distributed_sweep, run_recording_failure
     from cnnlab.train import train

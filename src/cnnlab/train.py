@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -14,6 +15,8 @@ from rich.table import Table
 
 from cnnlab.classifier import ImageClassifier
 from cnnlab.run_record import environment, write_json
+from cnnlab.stopping import NonFiniteLoss, RunInterrupted
+from cnnlab.validation import validate_config
 
 
 def plain(node: Any) -> Any:
@@ -38,46 +41,69 @@ def build_classifier(cfg: DictConfig) -> ImageClassifier:
     return classifier
 
 
-def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> L.Trainer:
-    """The Trainer with the configured callbacks (and extra_callbacks, e.g. a search's pruning) and loggers."""
+def build_trainer(
+    cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, resume_step: int | None = None
+) -> L.Trainer:
+    """The Trainer with the configured callbacks (and extra_callbacks, e.g. a search's pruning) and loggers.
+
+    resume_step: the checkpoint's step when resuming; TensorBoard hides what the interrupted run logged after it.
+    """
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += extra_callbacks or []
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    loggers = []
+    for lg in (cfg.get("logger") or {}).values():
+        if lg is not None:
+            tensorboard = resume_step is not None and lg._target_.endswith("TensorBoardLogger")
+            loggers.append(instantiate(lg, purge_step=resume_step) if tensorboard else instantiate(lg))
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Fit, then test the best checkpoint; returns the metrics written to <run dir>/metrics.json."""
     run_dir = Path(cfg.run_dir)
+    validate_config(cfg)  # bad values stop here, before data is read or anything is written
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # missing files are reported before anything is built
     classifier = build_classifier(cfg)
-    trainer = build_trainer(cfg, extra_callbacks)
+    resume_step = None
+    if cfg.ckpt_path:
+        resume_step = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    trainer = build_trainer(cfg, extra_callbacks, resume_step)
     console = Console(stderr=False)
     if trainer.is_global_zero:
         console.print(OmegaConf.to_yaml(cfg, resolve=True), markup=False, highlight=False)
 
     start = time.perf_counter()
-    trainer.fit(classifier, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(classifier, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    except (RunInterrupted, NonFiniteLoss) as stop:
+        status = "interrupted" if isinstance(stop, RunInterrupted) else "diverged"
+        progress = {"status": status, "epochs": trainer.current_epoch, "global_step": trainer.global_step}
+        if trainer.is_global_zero:
+            write_json(run_dir / "metrics.json", {**progress, **logged_so_far(trainer)})
+        raise
     train_seconds = time.perf_counter() - start
 
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
     best_path = checkpoint.best_model_path if checkpoint else ""
     metrics: dict[str, Any] = {
+        "status": "finished",
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "train_seconds": round(train_seconds, 3),
         # Every process takes data.batch_size images per step: the global batch is that times the world size.
         "global_batch_size": datamodule.batch_size * trainer.world_size,
         "train_images_per_second": round(
-            trainer.global_step * datamodule.batch_size * trainer.world_size / train_seconds, 1
+            (trainer.global_step - (resume_step or 0)) * datamodule.batch_size * trainer.world_size / train_seconds, 1
         ),
         "val_acc_best": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score else None,
         "best_checkpoint": best_path or None,
     }
     if cfg.test:
-        results = trainer.test(classifier, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+        results = trainer.test(
+            classifier, datamodule=datamodule, ckpt_path=best_path or None, verbose=False, weights_only=True
+        )
         metrics["test_acc"] = results[0]["test/acc"]
         metrics["test_loss"] = results[0]["test/loss"]
 
@@ -91,6 +117,11 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
                 logger.log_hyperparams(plain(cfg), scores)
         print_summary(console, run_dir, metrics)
     return metrics
+
+
+def logged_so_far(trainer: L.Trainer) -> dict[str, float]:
+    """The last logged value of every metric, e.g. {"val_acc": 0.97}, for the record of a run that stopped early."""
+    return {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
 def print_summary(console: Console, run_dir: Path, metrics: dict[str, Any]) -> None:

@@ -156,9 +156,27 @@ class ImageDataModule(L.LightningDataModule):
         """sha256 of every data file read, for the run's reproducibility record."""
         return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in self.files_read}
 
+    # --- resuming mid-epoch --------------------------------------------------------------------------------------
+    # Lightning builds the training loader before it restores a checkpoint (the schedulers' step count needs it), so
+    # it never hands the loader its saved position; the DataModule's own state, which Lightning does restore, does.
+    def state_dict(self) -> dict:
+        loader = getattr(self, "train_loader", None)
+        return {"train_loader": loader.state_dict()} if isinstance(loader, TensorLoader) else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train_loader_state = state.get("train_loader")
+        loader = getattr(self, "train_loader", None)
+        if isinstance(loader, TensorLoader) and self.train_loader_state:
+            loader.load_state_dict(self.train_loader_state)
+            self.train_loader_state = None
+
     # --- loaders --------------------------------------------------------------------------------------------------
     def train_dataloader(self):
-        return self._loader("train", self.batch_size, shuffle=True, augment=self.augment)
+        self.train_loader = self._loader("train", self.batch_size, shuffle=True, augment=self.augment)
+        if isinstance(self.train_loader, TensorLoader) and getattr(self, "train_loader_state", None):
+            self.train_loader.load_state_dict(self.train_loader_state)
+            self.train_loader_state = None
+        return self.train_loader
 
     def val_dataloader(self):
         return self._loader("val", self.eval_batch_size, shuffle=False, augment=False)

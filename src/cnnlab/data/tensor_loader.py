@@ -87,7 +87,9 @@ class TensorLoader:
     """Iterates (images, labels) batches of a uint8 image tensor, transformed on the tensor's device.
 
     Exposes `sampler` so Lightning's per-epoch `set_epoch` call reaches the EpochSampler, like a DataLoader's
-    (and `batch_sampler = None`, as a DataLoader with a plain sampler has).
+    (and `batch_sampler = None`, as a DataLoader with a plain sampler has). It is resumable: `state_dict` records the
+    epoch and how many batches of it were served, and after `load_state_dict` the next pass over that epoch starts
+    at the next unseen batch, so a run resumed mid-epoch sees exactly the batches an uninterrupted run would.
     """
 
     batch_sampler = None
@@ -104,6 +106,15 @@ class TensorLoader:
         self.images, self.labels = images, labels
         self.batch_size, self.sampler, self.transform = batch_size, sampler, transform
         self.drop_last = drop_last
+        self.served = 0  # batches handed out so far in the current pass
+        self.resume_at: tuple[int, int] | None = None  # (epoch, batches already seen) from a checkpoint
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "served": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        self.resume_at = (state["epoch"], state["served"])
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -116,6 +127,15 @@ class TensorLoader:
         if self.transform.augments:
             generator = torch.Generator(device=device)
             generator.manual_seed((self.sampler.seed + 1_000_003 * self.sampler.epoch + self.sampler.rank) % 2**63)
-        for i in range(len(self)):
+        skip = 0
+        if self.resume_at is not None and self.resume_at[0] == self.sampler.epoch:
+            skip = self.resume_at[1]  # Lightning counts these batches as done; the epoch's order is the same
+        self.resume_at = None
+        if generator is not None:  # replay the skipped batches' random crops and flips, so later batches match
+            for i in range(skip):
+                self.transform(self.images[order[i * self.batch_size : (i + 1) * self.batch_size]], generator)
+        self.served = skip
+        for i in range(skip, len(self)):
+            self.served = i + 1
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield self.transform(self.images[idx], generator), self.labels[idx]

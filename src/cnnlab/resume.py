@@ -1,0 +1,108 @@
+"""Continuing a run: `resume=<run dir>` (or `ckpt_path=<run dir>/checkpoints/<name>.ckpt`) becomes the original
+run's own overrides plus its folder and checkpoint, so the resumed run has the same config, writes into the same
+folder (Hydra creates no new one) and continues its step count, optimizer, schedule and data order.
+"""
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from cnnlab.errors import UserError
+
+DROPPED = ("resume", "ckpt_path", "hydra.run.dir")  # set anew for the resumed run
+
+
+def override_key(arg: str) -> str:
+    """The key an override sets: `+trainer.x=1` -> `trainer.x`, `model=resnet8` -> `model`."""
+    return arg.split("=", 1)[0].lstrip("+~")
+
+
+def run_dir_of_checkpoint(ckpt: Path) -> Path | None:
+    """The run folder holding ckpt when it is <run dir>/checkpoints/<name>.ckpt of a run with its .hydra/ record."""
+    run_dir = ckpt.parent.parent
+    if ckpt.parent.name == "checkpoints" and (run_dir / ".hydra" / "overrides.yaml").is_file():
+        return run_dir
+    return None
+
+
+def resume_arguments(args: list[str]) -> list[str]:
+    """Rewrite command-line arguments so that a `resume=` or run-folder `ckpt_path=` continues that run in place.
+
+    Arguments without either come back unchanged. Overrides given with the resume win over the original ones
+    (e.g. `trainer.max_epochs=20` extends a finished run).
+    """
+    values = {override_key(a): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
+    if values.get("resume") not in (None, "", "null"):
+        run_dir = Path(values["resume"]).expanduser()
+        if not (run_dir / ".hydra" / "overrides.yaml").is_file():
+            raise UserError(
+                f"resume={values['resume']} is not a run folder: {run_dir.resolve()} has no .hydra/overrides.yaml. "
+                "Give the folder of an earlier run, e.g. resume=outputs/train/<time>."
+            )
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            raise UserError(
+                f"resume={values['resume']}: the run has no checkpoints/last.ckpt to continue from (it stopped "
+                "before its first checkpoint). Start it again without resume=."
+            )
+    elif values.get("ckpt_path") not in (None, "", "null"):
+        ckpt = Path(values["ckpt_path"]).expanduser()
+        run_dir = run_dir_of_checkpoint(ckpt) if ckpt.is_file() else None
+        if run_dir is None:
+            return args  # a checkpoint from elsewhere: train.py checks it and starts a new folder
+    else:
+        return args
+    if any(a in ("-m", "--multirun") for a in args):
+        raise UserError("resume= continues one run; it does not combine with -m/--multirun. Drop -m.")
+    run_dir, ckpt = run_dir.resolve(), ckpt.resolve()
+    original = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    given = [a for a in args if override_key(a) not in DROPPED]
+    given_keys = {override_key(a) for a in given if "=" in a}
+    kept = [a for a in original if override_key(a) not in DROPPED and override_key(a) not in given_keys]
+    return [*kept, *given, f"resume={run_dir}", f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}"]
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in run_dir."""
+    return f"python scripts/train.py resume={run_dir}"
+
+
+def check_checkpoint_fits(ckpt_path: str | Path, model: dict[str, Any]) -> None:
+    """Refuse a checkpoint to resume from that does not load safely or was trained with another model config."""
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise UserError(f"ckpt_path={ckpt_path}: there is no file {path.resolve()}. Check the path.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:  # weights_only refused an object that would run code when loaded
+        raise UserError(
+            f"ckpt_path={ckpt_path} holds Python objects that could run code when loaded, so it was not loaded. "
+            "Checkpoints are loaded with torch.load(weights_only=True); use a checkpoint written by this project "
+            "(<run dir>/checkpoints/last.ckpt)."
+        ) from None
+    except Exception as err:  # a torn or foreign file fails to parse
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"ckpt_path={ckpt_path} cannot be loaded safely as a checkpoint ({first_line}). Checkpoints are loaded "
+            "with torch.load(weights_only=True), which refuses files that would run code; use a checkpoint "
+            "written by this project (<run dir>/checkpoints/last.ckpt)."
+        ) from None
+    saved = (ckpt.get("hyper_parameters") or {}).get("model") if isinstance(ckpt, dict) else None
+    if saved is None or "optimizer_states" not in ckpt:
+        raise UserError(
+            f"ckpt_path={ckpt_path} is not a training checkpoint of this project (it has no model config or no "
+            "optimizer state to resume). Use <run dir>/checkpoints/last.ckpt of a run."
+        )
+    if saved.get("_target_") != model.get("_target_"):
+        differing = ["_target_"]
+    else:
+        differing = sorted(k for k in set(saved) | set(model) if saved.get(k) != model.get(k))
+    if differing:
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {model.get(k)!r}" for k in differing)
+        raise UserError(
+            f"ckpt_path={ckpt_path} was trained with a different model ({details}). Resume with the run's own "
+            "config (resume=<run dir> applies it), or start a new run without ckpt_path."
+        )

@@ -1,0 +1,141 @@
+"""Checks of a composed config before any work starts: each mistake becomes one UserError paragraph naming the key."""
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from cnnlab.errors import UserError
+from cnnlab.resume import check_checkpoint_fits
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _writable(path: Path) -> bool:
+    """Whether path can be created or written: the nearest existing folder on its way must be writable."""
+    path = path.expanduser().resolve()
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        return False
+    try:  # a real write: permission bits say nothing for root, or for read-only and special filesystems
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    lr = cfg.optimizer.get("lr")
+    if lr is None or not lr > 0:
+        raise UserError(f"optimizer.lr={lr} must be a positive number (the peak learning rate), e.g. 0.05.")
+    for key in ("batch_size", "eval_batch_size"):
+        value = cfg.data.get(key)
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"data.{key}={value} must be a whole number of images of at least 1, e.g. data.{key}=128.")
+    epochs, steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps")
+    if steps in (None, -1) and (not isinstance(epochs, int) or epochs < 1):
+        raise UserError(f"trainer.max_epochs={epochs} must be at least 1 (the number of passes over the training set).")
+    val_size = cfg.data.get("val_size")
+    if not isinstance(val_size, int) or val_size < 0:
+        raise UserError(f"data.val_size={val_size} must be a whole number of images, 0 or more.")
+
+
+def training_set_size(cfg: DictConfig) -> int | None:
+    """The number of training images, from the MNIST label file's 8-byte header; None where that is not cheap."""
+    labels = Path(cfg.data.data_dir).expanduser() / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    if not cfg.data._target_.endswith("MNISTDataModule") or not labels.is_file():
+        return None
+    header = labels.read_bytes()[:8] if labels.stat().st_size >= 8 else b""
+    return int.from_bytes(header[4:8], "big") if len(header) == 8 else None
+
+
+def check_split(cfg: DictConfig) -> None:
+    n = training_set_size(cfg)
+    if n is not None and cfg.data.val_size >= n:
+        raise UserError(
+            f"data.val_size={cfg.data.val_size} leaves no training images: the training set in {cfg.data.data_dir} "
+            f"has {n}. Choose data.val_size below {n} (5000 is the usual MNIST split)."
+        )
+
+
+def check_model_fits_data(cfg: DictConfig) -> None:
+    """Build the model on the meta device (no memory, no weights) and push a batch of the data's shape through it."""
+    from cnnlab.classifier import build_model
+
+    shape, num_classes = tuple(cfg.data.image_shape), cfg.data.num_classes
+    model_cfg = _plain(cfg.model)
+    for key, expected, what in (("in_channels", shape[0], "channels"), ("image_size", shape[1], "pixels per side")):
+        if key in model_cfg and model_cfg[key] != expected:
+            raise UserError(
+                f"model.{key}={model_cfg[key]} does not fit the data: {cfg.data._target_} images have shape "
+                f"{list(shape)}, i.e. {expected} {what}. Leave model.{key} at its default, which follows "
+                "data.image_shape, or pick the data config that matches."
+            )
+    try:
+        with torch.device("meta"):
+            model = build_model(model_cfg).eval()
+    except (InstantiationException, ValueError, TypeError) as err:
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+        raise UserError(
+            f"The model config cannot be built: {model_cfg['_target_']} rejects it ({_first_line(cause)}). "
+            "Fix the model.* value you overrode."
+        ) from None
+    try:
+        with torch.device("meta"):
+            out = model(torch.zeros(2, *shape))
+    except RuntimeError as err:
+        settings = ", ".join(f"model.{k}={v}" for k, v in model_cfg.items() if k != "_target_")
+        raise UserError(
+            f"The model does not fit the data: {model_cfg['_target_']} with {settings} fails on {cfg.data._target_} "
+            f"images of shape {list(shape)} ({_first_line(err)}). Fix the model.* value you overrode."
+        ) from None
+    if tuple(out.shape) != (2, num_classes):
+        raise UserError(
+            f"The model gives {out.shape[1]} outputs per image but the data has data.num_classes={num_classes}; "
+            "leave model.num_classes to follow the data config."
+        )
+
+
+def check_paths(cfg: DictConfig) -> None:
+    output = Path(cfg.paths.output_dir)
+    if not _writable(output):
+        raise UserError(f"paths.output_dir={output} cannot be written (no permission). Point it at a writable folder.")
+    data_dir = Path(cfg.data.data_dir).expanduser()
+    if cfg.data.get("download") and not data_dir.is_dir() and not _writable(data_dir):
+        raise UserError(
+            f"data.data_dir={data_dir} does not exist and cannot be created to download into (no permission). "
+            "Point data.data_dir at a folder holding the dataset, or at a writable one."
+        )
+    run_dir = Path(cfg.run_dir)
+    if not _writable(run_dir):
+        raise UserError(f"The run folder {run_dir} cannot be written (no permission). Set hydra.run.dir elsewhere.")
+
+
+def check_output_arguments(args: list[str]) -> None:
+    """Before Hydra makes the run folder: the output folders named on the command line must be writable."""
+    values = {a.split("=", 1)[0].lstrip("+"): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
+    for key in ("hydra.run.dir", "paths.output_dir"):
+        folder = values.get(key, "outputs" if key == "paths.output_dir" else None)
+        if folder and not _writable(Path(folder)):
+            raise UserError(f"{key}={folder} cannot be written (no permission). Point it at a writable folder.")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Every check, cheapest first; raises the first UserError found."""
+    check_numbers(cfg)
+    check_paths(cfg)
+    check_split(cfg)
+    check_model_fits_data(cfg)
+    if cfg.get("ckpt_path"):
+        check_checkpoint_fits(cfg.ckpt_path, _plain(cfg.model))

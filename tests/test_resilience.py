@@ -1,0 +1,303 @@
+"""Runs survive kills, signals and bad input: atomic checkpoints, exact resume, clean refusals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnlab.checkpoint_io import atomic_torch_save
+from cnnlab.data.tensor_loader import BatchTransform, EpochSampler, TensorLoader
+from cnnlab.resume import resume_arguments
+from cnnlab.train import train
+from tests.conftest import REPO, compose_config, fast_overrides, make_mnist
+
+TRAIN = [sys.executable, str(REPO / "scripts" / "train.py")]
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory) -> Path:
+    """A small MNIST with 50 training batches of 32 per epoch, so a kill lands mid-epoch."""
+    return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=1700, n_test=300)
+
+
+def quick(data_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"data.data_dir={data_dir}",
+        "data.batch_size=32",
+        "data.eval_batch_size=100",
+        "data.val_size=100",
+        "data.download=false",
+        "trainer=cpu",
+        "trainer.max_epochs=3",
+        "trainer.log_every_n_steps=1",
+        "callbacks.progress_bar=null",
+        "+trainer.enable_progress_bar=false",
+        "callbacks.last_checkpoint.every_n_train_steps=3",
+        "callbacks.last_checkpoint.train_time_interval=null",
+        *extra,
+    ]
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([*TRAIN, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*TRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def wait_for_step_checkpoint(proc: subprocess.Popen, ckpt: Path) -> None:
+    """Wait until ckpt exists (a step checkpoint in the first epoch), or fail if the process ends first."""
+    deadline = time.monotonic() + 120
+    while not ckpt.is_file():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+
+
+def scalar_steps(run_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+# --- atomic checkpoints ----------------------------------------------------------------------------------------------
+def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1, "w": torch.ones(1000)}, path)
+
+    def torn_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError):
+        atomic_torch_save({"step": 2, "w": torch.zeros(1000)}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_sigkill_while_writing_a_big_checkpoint_never_leaves_a_truncated_file(tmp_path):
+    path = tmp_path / "last.ckpt"
+    writer = (
+        "import sys, torch; from cnnlab.checkpoint_io import atomic_torch_save\n"
+        "w = torch.randn(16_000_000)\n"  # 64 MB: each save takes a while
+        "for step in range(1000): atomic_torch_save({'step': step, 'w': w}, sys.argv[1])\n"
+    )
+    for delay in (0.6, 1.3):
+        proc = subprocess.Popen([sys.executable, "-c", writer, str(path)])
+        deadline = time.monotonic() + 60
+        while not path.is_file() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = torch.load(path, weights_only=True)  # a torn file would fail to load here
+        assert ckpt["w"].numel() == 16_000_000
+
+
+def test_trainer_writes_checkpoints_through_the_atomic_plugin(tiny_data, tmp_path):
+    from cnnlab.checkpoint_io import AtomicCheckpointIO
+    from cnnlab.train import build_trainer
+
+    cfg = compose_config(fast_overrides(tiny_data), tmp_path)
+    assert isinstance(build_trainer(cfg).strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+# --- exact resume ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("augment", [False, True])
+def test_a_restored_tensor_loader_serves_the_rest_of_the_epoch_exactly(augment):
+    images = torch.randint(0, 255, (100, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(100)
+
+    def loader() -> TensorLoader:
+        transform = BatchTransform((0.5,), (0.5,), crop_padding=2 if augment else 0, flip=augment)
+        return TensorLoader(images, labels, 16, EpochSampler(100, True, seed=3), transform)
+
+    full = loader()
+    full.sampler.set_epoch(2)
+    expected = list(full)
+    first = loader()
+    first.sampler.set_epoch(2)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    resumed = loader()  # a new process: epoch 0 until the checkpoint says otherwise
+    resumed.load_state_dict(first.state_dict())
+    rest = list(resumed)
+    assert len(rest) == len(expected) - 3
+    for (x, y), (x_ref, y_ref) in zip(rest, expected[3:], strict=True):
+        assert torch.equal(y, y_ref) and torch.equal(x, x_ref)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(mnist_dir, tmp_path_factory) -> tuple[Path, dict]:
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    result = finish(quick(mnist_dir, "hydra.run.dir=run"), cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "run", json.loads((cwd / "run" / "metrics.json").read_text())
+
+
+def test_sigkilled_run_resumes_in_place_and_ends_like_an_uninterrupted_one(mnist_dir, tmp_path, uninterrupted):
+    ref_dir, ref = uninterrupted
+    proc = start(quick(mnist_dir), tmp_path)
+    (run_dir,) = _wait_for_run_dir(proc, tmp_path)
+    wait_for_step_checkpoint(proc, run_dir / "checkpoints" / "last.ckpt")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    killed_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < killed_at < ref["global_step"]
+
+    result = finish([f"resume={run_dir}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((tmp_path / "outputs" / "train").iterdir()) == [run_dir]  # no second folder
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["epochs"] == 3
+    assert metrics["global_step"] == ref["global_step"]
+    assert abs(metrics["test_acc"] - ref["test_acc"]) <= 0.003
+    # the same batches in the same order, so on the CPU the very same weights
+    assert metrics["test_loss"] == pytest.approx(ref["test_loss"], rel=1e-5)
+    for tag in ("lr", "train/loss", "val/acc"):  # curves continue: no step twice, none missing
+        assert scalar_steps(run_dir, tag) == scalar_steps(ref_dir, tag)
+
+
+def _wait_for_run_dir(proc: subprocess.Popen, cwd: Path) -> list[Path]:
+    deadline = time.monotonic() + 60
+    while not (cwd / "outputs" / "train").is_dir() or not list((cwd / "outputs" / "train").iterdir()):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return list((cwd / "outputs" / "train").iterdir())
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_the_run_and_prints_the_resume_command(mnist_dir, tmp_path, uninterrupted, sig, code):
+    _, ref = uninterrupted
+    proc = start(quick(mnist_dir, "hydra.run.dir=run"), tmp_path)
+    run_dir = tmp_path / "run"
+    wait_for_step_checkpoint(proc, run_dir / "checkpoints" / "last.ckpt")
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert f"python scripts/train.py resume={run_dir.resolve()}" in stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["global_step"] < ref["global_step"]
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == metrics["global_step"]  # the state at the stop, not an older one
+
+    result = finish([f"resume={run_dir}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    assert resumed["status"] == "finished" and resumed["global_step"] == ref["global_step"]
+    assert abs(resumed["test_acc"] - ref["test_acc"]) <= 0.003
+
+
+def test_resume_arguments_replay_the_original_overrides_and_keep_the_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- model=resnet8\n- trainer.max_epochs=3\n- hydra.run.dir=run\n")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
+    args = resume_arguments([f"resume={run_dir}", "trainer.max_epochs=5"])
+    assert args == [
+        "model=resnet8",
+        "trainer.max_epochs=5",
+        f"resume={run_dir}",
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    assert resume_arguments([f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"])[-1] == f"hydra.run.dir={run_dir}"
+    assert resume_arguments(["model=resnet8"]) == ["model=resnet8"]
+
+
+# --- determinism and divergence --------------------------------------------------------------------------------------
+def test_the_same_seed_gives_identical_metrics_on_cpu(tiny_data, tmp_path):
+    overrides = [*fast_overrides(tiny_data), "trainer.max_epochs=2"]
+    first = train(compose_config(overrides, tmp_path / "a"))
+    second = train(compose_config(overrides, tmp_path / "b"))
+    timeless = {k for k in first if "seconds" not in k and "per_second" not in k and k != "best_checkpoint"}
+    assert {k: first[k] for k in timeless} == {k: second[k] for k in timeless}
+    assert first["train_images_per_second"] > 0
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_checkpoint(mnist_dir, tmp_path):
+    result = finish(
+        quick(mnist_dir, "optimizer.lr=1e6", "callbacks.last_checkpoint.every_n_train_steps=1", "hydra.run.dir=run"),
+        tmp_path,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "at step" in result.stderr and "optimizer.lr" in result.stderr and "16-bit" in result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "diverged"
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+class Hostile:
+    """Unpickling this runs a shell command that creates a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def resnet8_checkpoint(mnist_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("resnet8")
+    overrides = [*fast_overrides(mnist_dir, model="resnet8"), "trainer.max_epochs=1", "trainer.limit_train_batches=1"]
+    train(compose_config([*overrides, "test=false"], run_dir))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+BAD_INPUTS = [
+    (["optimizer.lr=0"], "optimizer.lr"),
+    (["optimizer.lr=-0.1"], "optimizer.lr"),
+    (["data.batch_size=0"], "data.batch_size"),
+    (["data.eval_batch_size=0"], "data.eval_batch_size"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs"),
+    (["data.val_size=1700"], "data.val_size"),
+    (["data.val_size=-1"], "data.val_size"),
+    (["model.in_channels=3"], "model.in_channels"),
+    (["model.image_size=32"], "model.image_size"),
+    (["model=resnet8", "model.in_channels=3"], "model.in_channels"),
+    (["model.num_classes=7"], "model.num_classes"),
+    (["model.activation=gelu"], "activation='gelu'"),
+    (["paths.output_dir=/proc/cnnlab"], "paths.output_dir"),
+    (["data.data_dir=/proc/cnnlab", "data.download=true"], "data.data_dir"),
+    (["data.data_dir=nowhere", "data.download=false"], "data.data_dir"),
+    (["data.loader=fast"], "data.loader"),
+    (["ckpt_path=missing.ckpt"], "ckpt_path"),
+    (["ckpt_path=hostile.ckpt"], "ckpt_path"),
+    (["ckpt_path=resnet8.ckpt"], "ckpt_path"),
+    (["resume=not_a_run"], "resume"),
+    (["model=lenet6"], "lenet5"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_input_is_refused_with_one_paragraph_and_leaves_no_run_folder(
+    mnist_dir, resnet8_checkpoint, tmp_path, overrides, key
+):
+    marker = tmp_path / "marker"
+    torch.save({"state_dict": Hostile(marker)}, tmp_path / "hostile.ckpt")
+    (tmp_path / "resnet8.ckpt").write_bytes(resnet8_checkpoint.read_bytes())
+    base = [a for a in quick(mnist_dir) if not a.startswith("data.data_dir=")]
+    data_dir = [] if any(o.startswith("data.data_dir") for o in overrides) else [f"data.data_dir={mnist_dir}"]
+    result = finish([*base, *data_dir, *overrides], tmp_path)
+    assert result.returncode != 0 if key == "lenet5" else result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert key in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "outputs").exists()  # the run folder Hydra made is gone again
+    assert not marker.exists()  # the hostile checkpoint's code never ran
