@@ -110,3 +110,24 @@ def test_cifar10_fast_recipe_runs_with_ema_weights_on_cpu(tiny_data, tmp_path):
     assert cfg.trainer.precision == "bf16-mixed" and cfg.tta_flip
     metrics = train(cfg)
     assert metrics["global_step"] == 3 and 0 <= metrics["test_acc"] <= 1
+
+
+def test_progress_bar_reads_metrics_only_every_refresh_rate_steps(tiny_data, tmp_path, monkeypatch):
+    from cnnlab.progress import SparseRichProgressBar
+
+    reads = []
+    monkeypatch.setattr(SparseRichProgressBar, "_update_metrics", lambda self, trainer, module: reads.append(1))
+    with_bar = [o for o in fast_overrides(tiny_data) if "progress_bar" not in o]
+    overrides = [
+        *with_bar,
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=12",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "callbacks.progress_bar.refresh_rate=5",
+        "test=false",
+    ]
+    train(compose_config(overrides, tmp_path))
+    # training steps 5, 10 and 12 (the epoch's last), then once each at the epoch's end and validation's end;
+    # Lightning's own bar reads after all 12 steps (14 reads)
+    assert len(reads) == 5

@@ -69,7 +69,7 @@ class ImageClassifier(L.LightningModule):
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         num_classes = model.get("num_classes", (data or {}).get("num_classes", 10))
         # validate_args=False: the argument checks read values back from the device on every update.
-        self.train_loss = MeanMetric()
+        self.train_loss = MeanMetric(nan_strategy="disable")  # a NaN loss is caught by StopOnNonFiniteLoss
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
