@@ -131,9 +131,21 @@ def check_output_arguments(args: list[str]) -> None:
             raise UserError(f"{key}={folder} cannot be written (no permission). Point it at a writable folder.")
 
 
+def check_accelerator(cfg: DictConfig) -> None:
+    """A GPU asked for where PyTorch sees none is a setting to change, not a crash inside Lightning."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        raise UserError(
+            f"trainer.accelerator={accelerator} (trainer=gpu) asks for a GPU, but PyTorch ({build}) sees none on this "
+            "machine. Use trainer=cpu, or trainer=default to take a GPU only when there is one."
+        )
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Every check, cheapest first; raises the first UserError found."""
     check_numbers(cfg)
+    check_accelerator(cfg)
     check_paths(cfg)
     check_split(cfg)
     check_model_fits_data(cfg)
