@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,9 @@ from cnnlab.errors import UserError
 from cnnlab.resume import resume_arguments, resume_command
 from cnnlab.stopping import RunInterrupted
 from cnnlab.validation import check_output_arguments
+
+# Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates; it says nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def config_dir() -> str:
