@@ -3,13 +3,12 @@ run's own overrides plus its folder and checkpoint, so the resumed run has the s
 folder (Hydra creates no new one) and continues its step count, optimizer, schedule and data order.
 """
 
-import pickle
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
+from cnnlab.checkpoints import load_checkpoint
 from cnnlab.errors import UserError
 
 DROPPED = ("resume", "ckpt_path", "hydra.run.dir")  # set anew for the resumed run
@@ -72,29 +71,15 @@ def resume_command(run_dir: Path) -> str:
 
 def check_checkpoint_fits(ckpt_path: str | Path, model: dict[str, Any]) -> None:
     """Refuse a checkpoint to resume from that does not load safely or was trained with another model config."""
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise UserError(f"ckpt_path={ckpt_path}: there is no file {path.resolve()}. Check the path.")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:  # weights_only refused an object that would run code when loaded
+        ckpt = load_checkpoint(ckpt_path)  # weights_only=True; missing, torn, foreign and hostile files refused
+    except UserError as err:
+        raise UserError(f"ckpt_path={ckpt_path}: {err}") from None
+    saved = ckpt["hyper_parameters"]["model"]
+    if "optimizer_states" not in ckpt:
         raise UserError(
-            f"ckpt_path={ckpt_path} holds Python objects that could run code when loaded, so it was not loaded. "
-            "Checkpoints are loaded with torch.load(weights_only=True); use a checkpoint written by this project "
-            "(<run dir>/checkpoints/last.ckpt)."
-        ) from None
-    except Exception as err:  # a torn or foreign file fails to parse
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"ckpt_path={ckpt_path} cannot be loaded safely as a checkpoint ({first_line}). Checkpoints are loaded "
-            "with torch.load(weights_only=True), which refuses files that would run code; use a checkpoint "
-            "written by this project (<run dir>/checkpoints/last.ckpt)."
-        ) from None
-    saved = (ckpt.get("hyper_parameters") or {}).get("model") if isinstance(ckpt, dict) else None
-    if saved is None or "optimizer_states" not in ckpt:
-        raise UserError(
-            f"ckpt_path={ckpt_path} is not a training checkpoint of this project (it has no model config or no "
-            "optimizer state to resume). Use <run dir>/checkpoints/last.ckpt of a run."
+            f"ckpt_path={ckpt_path} holds no optimizer state to resume from (a weights-only file). Use "
+            "<run dir>/checkpoints/last.ckpt of a run."
         )
     if saved.get("_target_") != model.get("_target_"):
         differing = ["_target_"]
