@@ -61,11 +61,18 @@ class StepTimer(L.Callback):
         return self.images / (time.perf_counter() - self.start)
 
 
-def _accelerator(cfg: DictConfig) -> DictConfig:
+def _on_device(cfg: DictConfig) -> DictConfig:
+    """A copy of cfg whose Trainer runs on cfg.device (auto: Lightning's choice)."""
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         if cfg.device != "auto":
             cfg.trainer.accelerator = {"cuda": "gpu"}.get(cfg.device, cfg.device)
+    return cfg
+
+
+def _accelerator(cfg: DictConfig) -> DictConfig:
+    cfg = _on_device(cfg)
+    with open_dict(cfg):
         cfg.trainer.max_epochs = -1
         cfg.trainer.max_steps = cfg.warmup_steps + cfg.steps
         cfg.trainer.limit_val_batches = 0  # training throughput only
@@ -202,10 +209,7 @@ def time_to_accuracy(cfg: DictConfig) -> dict[str, Any]:
     """Wall clock from process start to the first epoch whose test accuracy reaches cfg.target_acc."""
     started_at = process_start_time()
     device = _device(cfg)
-    cfg = copy.deepcopy(cfg)
-    with open_dict(cfg):
-        if cfg.device != "auto":
-            cfg.trainer.accelerator = {"cuda": "gpu"}.get(cfg.device, cfg.device)
+    cfg = _on_device(cfg)
     L.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data)
     classifier = build_classifier(cfg)
