@@ -1,0 +1,36 @@
+"""scripts/benchmark.py runs and reports what it promises (never a time: timings belong to the benchmark itself)."""
+
+import json
+
+from cnnlab.benchmark import benchmark
+from tests.conftest import compose_config, fast_overrides
+
+
+def bench_config(tiny_data, tmp_path, *extra):
+    overrides = [*fast_overrides(tiny_data), "steps=4", "warmup_steps=2", "repeats=1", *extra]
+    return compose_config(overrides, tmp_path, config_name="benchmark")
+
+
+def test_throughput_mode_reports_every_path_and_both_ratios_in_json(tiny_data, tmp_path):
+    result = benchmark(bench_config(tiny_data, tmp_path, "device=cpu"))
+    written = json.loads((tmp_path / "benchmark.json").read_text())
+    for path in ("lightning", "plain", "torchvision"):
+        assert written[f"{path}_images_per_second"] > 0
+    assert written["lightning_over_plain"] == round(
+        result["lightning_images_per_second"] / result["plain_images_per_second"], 3
+    )
+    assert written["lightning_over_torchvision"] > 0 and written["device"] == "cpu"
+    assert written["peak_memory_mb"] > 0 and written["config"]["model"]["_target_"] == "cnnlab.models.LeNet5"
+
+
+def test_time_to_accuracy_mode_stops_at_the_first_epoch_reaching_the_target(tiny_data, tmp_path):
+    result = benchmark(bench_config(tiny_data, tmp_path, "target_acc=0.3", "trainer.max_epochs=6"))
+    assert result["reached"] and result["epoch_reached"] == len(result["history"])
+    accuracies = [h["test_acc"] for h in result["history"]]
+    assert accuracies[-1] >= 0.3 and all(a < 0.3 for a in accuracies[:-1])
+    assert result["seconds_to_target"] > 0
+
+
+def test_unreachable_target_is_reported_as_not_reached(tiny_data, tmp_path):
+    result = benchmark(bench_config(tiny_data, tmp_path, "target_acc=1.01", "trainer.max_epochs=1"))
+    assert not result["reached"] and result["seconds_to_target"] is None and len(result["history"]) == 1
