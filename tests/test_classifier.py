@@ -123,3 +123,34 @@ def test_hyperparameters_are_plain_values_that_rebuild_the_model(tiny_data, tmp_
     x = torch.randn(2, 1, 28, 28)
     classifier.eval(), rebuilt.eval()
     assert torch.equal(classifier(x), rebuilt(x))
+
+
+def test_training_sums_agree_with_torchmetrics_mean_and_accuracy_and_reset_each_epoch():
+    from torchmetrics import MeanMetric
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from cnnlab.classifier import TrainingSums
+
+    g = torch.Generator().manual_seed(0)
+    sums, mean, acc = TrainingSums(), MeanMetric(), MulticlassAccuracy(10, average="micro")
+    for n in (7, 32, 5):  # uneven batches: the loss mean is weighted by batch size
+        logits, target, loss = torch.randn(n, 10, generator=g), torch.randint(0, 10, (n,), generator=g), torch.rand(1)
+        sums.update(loss[0], logits, target)
+        mean.update(loss[0], n)
+        acc.update(logits, target)
+    values = sums.compute()
+    assert values["loss"].item() == pytest.approx(mean.compute().item(), rel=1e-6)
+    assert values["acc"].item() == pytest.approx(acc.compute().item(), rel=1e-6)
+    sums.reset()
+    sums.update(torch.tensor(2.0), torch.eye(10)[:4], torch.tensor([0, 1, 2, 9]))
+    assert sums.compute()["loss"].item() == 2.0 and sums.compute()["acc"].item() == 0.75
+
+
+def test_the_classifier_skips_module_checks_only_for_lightnings_hook_name():
+    classifier = ImageClassifier(
+        {"_target_": "cnnlab.models.LeNet5"}, {"_target_": "torch.optim.SGD", "_partial_": True}
+    )
+    classifier._current_fx_name = "training_step"
+    assert classifier._current_fx_name == "training_step"
+    classifier.extra = torch.nn.Linear(2, 2)  # other attributes still register as submodules and parameters
+    assert "extra.weight" in dict(classifier.named_parameters())

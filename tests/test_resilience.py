@@ -303,3 +303,13 @@ def test_bad_input_is_refused_with_one_paragraph_and_leaves_no_run_folder(
     assert key in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "outputs").exists()  # the run folder Hydra made is gone again
     assert not marker.exists()  # the hostile checkpoint's code never ran
+
+
+def test_the_trainer_has_no_profiler_unless_one_is_asked_for(tiny_data, tmp_path):
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    from cnnlab.train import NoProfiler, build_trainer
+
+    assert isinstance(build_trainer(compose_config(fast_overrides(tiny_data), tmp_path)).profiler, NoProfiler)
+    cfg = compose_config([*fast_overrides(tiny_data), "trainer.profiler=simple"], tmp_path)
+    assert isinstance(build_trainer(cfg).profiler, SimpleProfiler)

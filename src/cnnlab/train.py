@@ -1,5 +1,6 @@
 """train(cfg): build data, model and Trainer from a composed config, fit, test, and write the run directory."""
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.profilers import PassThroughProfiler
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -41,6 +43,19 @@ def build_classifier(cfg: DictConfig) -> ImageClassifier:
     return classifier
 
 
+class NoProfiler(PassThroughProfiler):
+    """Lightning's default do-nothing profiler, minus the cost of doing nothing.
+
+    The Trainer wraps each of the ~70 hook calls of a training step in `profiler.profile(name)`; the default's is a
+    generator-based context manager (about 1 us per call). This one hands back one shared null context (0.1 us).
+    """
+
+    _null = contextlib.nullcontext()
+
+    def profile(self, action_name: str) -> contextlib.nullcontext:
+        return self._null
+
+
 def build_trainer(
     cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, resume_step: int | None = None
 ) -> L.Trainer:
@@ -55,7 +70,8 @@ def build_trainer(
         if lg is not None:
             tensorboard = resume_step is not None and lg._target_.endswith("TensorBoardLogger")
             loggers.append(instantiate(lg, purge_step=resume_step) if tensorboard else instantiate(lg))
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    profiler = {} if cfg.trainer.get("profiler") else {"profiler": NoProfiler()}
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **profiler)
 
 
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
