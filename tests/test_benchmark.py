@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from cnnlab.benchmark import benchmark
 from tests.conftest import compose_config, fast_overrides
 
@@ -20,6 +22,8 @@ def test_throughput_mode_reports_every_path_and_both_ratios_in_json(tiny_data, t
         result["lightning_images_per_second"] / result["plain_images_per_second"], 3
     )
     assert written["lightning_over_torchvision"] > 0 and written["device"] == "cpu"
+    per_image = 1 / result["lightning_images_per_second"] - 1 / result["plain_images_per_second"]
+    assert written["lightning_overhead_ms_per_step"] == pytest.approx(1000 * 32 * per_image, abs=2e-3)
     assert written["peak_memory_mb"] > 0 and written["config"]["model"]["_target_"] == "cnnlab.models.LeNet5"
 
 

@@ -169,6 +169,9 @@ def throughput(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {f"{p}_images_per_second": round(r, 1) for p, r in best.items()}
     if "lightning" in best and "plain" in best:
         result["lightning_over_plain"] = round(best["lightning"] / best["plain"], 3)
+        # The framework's cost in absolute terms: it stays about the same when the batch or the model grows.
+        seconds = cfg.data.batch_size / best["lightning"] - cfg.data.batch_size / best["plain"]
+        result["lightning_overhead_ms_per_step"] = round(1000 * seconds, 3)
     if "lightning" in best and "torchvision" in best:
         result["lightning_over_torchvision"] = round(best["lightning"] / best["torchvision"], 3)
     result["peak_memory_mb"] = round(peak_memory_mb(device), 1)
