@@ -1,6 +1,8 @@
 """train(cfg) end to end on tiny data: every model x data pair, the run directory, and checkpoint contents."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -131,3 +133,31 @@ def test_progress_bar_reads_metrics_only_every_refresh_rate_steps(tiny_data, tmp
     # training steps 5, 10 and 12 (the epoch's last), then once each at the epoch's end and validation's end;
     # Lightning's own bar reads after all 12 steps (14 reads)
     assert len(reads) == 5
+
+
+FREED_20MB = """
+import ctypes, sys
+import torch
+from cnnlab.train import keep_freed_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keep")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+x = torch.ones(20 * 2**20, dtype=torch.uint8)  # a 20 MB activation, freed as a training step frees its own
+del x
+print(applied, libc.mallinfo2().fordblks)  # fordblks: bytes free inside the heap, ready for reuse
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator setting exists on Linux only")
+def test_keep_freed_memory_keeps_a_freed_activation_in_the_heap_for_the_next_step():
+    def run(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", FREED_20MB, mode], capture_output=True, text=True, check=True)
+        applied, free_bytes = out.stdout.split()
+        return applied, int(free_bytes)
+
+    assert run("default")[1] < 10 * 2**20  # glibc's default hands the 20 MB back to the kernel
+    applied, free_bytes = run("keep")
+    assert applied == "True" and free_bytes >= 20 * 2**20

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, open_dict
 from cnnlab.classifier import build_model, make_scheduler
 from cnnlab.errors import UserError
 from cnnlab.run_record import environment, write_json
-from cnnlab.train import build_classifier, build_trainer, plain
+from cnnlab.train import build_classifier, build_trainer, keep_freed_memory, plain
 
 PATHS = ("lightning", "plain", "torchvision")
 
@@ -233,6 +233,8 @@ def time_to_accuracy(cfg: DictConfig) -> dict[str, Any]:
 
 def benchmark(cfg: DictConfig) -> dict[str, Any]:
     """Run the throughput comparison, or the time-to-accuracy measurement when target_acc is set; write JSON."""
+    if cfg.keep_freed_memory:  # as train.py does; every path runs in this process, so all of them get it
+        keep_freed_memory()
     result = time_to_accuracy(cfg) if cfg.target_acc is not None else throughput(cfg)
     result["config"] = {key: plain(cfg[key]) for key in ("model", "data", "optimizer", "scheduler", "trainer")}
     result["config"].update(channels_last=cfg.channels_last, label_smoothing=cfg.label_smoothing)
