@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -240,6 +241,37 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_keeps_the_last_g
     assert metrics["status"] == "diverged"
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+@pytest.mark.parametrize(
+    ("check_every", "step_saves", "message"),
+    [(1000, "1", r"non-finite at step (\d+) "), (4, "null", r"non-finite between steps 1 and (4) ")],
+    ids=["read-before-every-save", "read-every-4-steps"],
+)
+def test_on_an_accelerator_the_nan_check_reads_the_device_flag_rarely_and_never_lets_a_bad_step_be_saved(
+    mnist_dir, tmp_path, monkeypatch, check_every, step_saves, message
+):
+    from cnnlab.stopping import NonFiniteLoss, StopOnNonFiniteLoss
+    from cnnlab.train import train
+
+    # What a GPU run does: the CPU's free per-step read is turned off, so the loss is only read as the device would be.
+    monkeypatch.setattr(StopOnNonFiniteLoss, "reads_are_free", staticmethod(lambda device: False))
+    overrides = [
+        *quick(mnist_dir, "optimizer.lr=1e6", f"callbacks.last_checkpoint.every_n_train_steps={step_saves}"),
+        f"callbacks.non_finite_loss.device_check_every_n_steps={check_every}",
+    ]
+    with pytest.raises(NonFiniteLoss, match=message) as stop:
+        train(compose_config(overrides, tmp_path))
+    stopped_at = int(re.search(message, str(stop.value)).group(1))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and metrics["global_step"] == stopped_at
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    if step_saves == "1":  # a save after every step: the last one written is of the step before the bad one
+        ckpt = torch.load(last, weights_only=True)
+        assert ckpt["global_step"] == stopped_at - 1
+        assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    else:  # no step saves, and the run stopped before its first epoch end: nothing was saved
+        assert not last.exists()
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------
