@@ -8,12 +8,25 @@ most of an epoch of a small network on the usual Dataset/DataLoader path.
 import math
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
+ORDER, AUGMENT = 0, 1  # the two random streams of an epoch: the data order and the augmentations
+
+
+def stream_seed(seed: int, epoch: int, stream: int, rank: int = 0) -> int:
+    """A seed for one random stream of one epoch (and rank), independent of every other (seed, epoch, rank, stream).
+
+    numpy's SeedSequence hashes the run's seed with the rest, so seed 43's first epoch shares nothing with seed 42's
+    second (as `seed + epoch` would make it), and a study over seeds 1, 2, 3 draws independent data orders.
+    """
+    sequence = np.random.SeedSequence(seed % 2**64, spawn_key=(epoch, stream, rank))
+    return int(sequence.generate_state(1, dtype=np.uint64)[0])
+
 
 class EpochSampler:
-    """Indices of one epoch: a permutation seeded by (seed, epoch), sharded across ranks as DistributedSampler does.
+    """Indices of one epoch: a permutation drawn from (seed, epoch), sharded across ranks as DistributedSampler does.
 
     Each rank gets every world_size-th index of the permutation, so ranks see disjoint shards. With pad (training)
     the permutation is first padded by wrapping around so that every rank gets the same number of samples, as DDP's
@@ -35,7 +48,7 @@ class EpochSampler:
 
     def indices(self) -> Tensor:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            g = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch, ORDER))
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
@@ -112,6 +125,10 @@ class TensorLoader:
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.sampler.epoch, "served": self.served}
 
+    def rewind(self) -> None:
+        """Count the last batch handed out as not served: a run that stops inside its step serves it again."""
+        self.served = max(self.served - 1, 0)
+
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.set_epoch(state["epoch"])
         self.resume_at = (state["epoch"], state["served"])
@@ -126,7 +143,7 @@ class TensorLoader:
         generator = None
         if self.transform.augments:
             generator = torch.Generator(device=device)
-            generator.manual_seed((self.sampler.seed + 1_000_003 * self.sampler.epoch + self.sampler.rank) % 2**63)
+            generator.manual_seed(stream_seed(self.sampler.seed, self.sampler.epoch, AUGMENT, self.sampler.rank))
         skip = 0
         if self.resume_at is not None and self.resume_at[0] == self.sampler.epoch:
             skip = self.resume_at[1]  # Lightning counts these batches as done; the epoch's order is the same
