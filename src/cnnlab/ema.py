@@ -1,0 +1,78 @@
+"""An exponential moving average (EMA) of the weights, warmed up, and the one set of weights a run is judged by.
+
+The average is Lightning's WeightAveraging machinery (an AveragedModel beside the trained one, BatchNorm statistics
+averaged too, swapped in for validation, written as the checkpoint's `state_dict` with the raw weights beside it in
+`current_model_state`). Two things differ from Lightning's EMAWeightAveraging:
+
+- Warm-up. Update n (counting from 0) mixes in the current weights with decay min(decay, (1 + n) / (warmup + n)), as
+  TensorFlow's ExponentialMovingAverage does with num_updates: the first updates follow the weights closely, so the
+  average is worth validating from the first epoch, and the untrained start fades out. With a constant decay of 0.99
+  every 5 steps, a 12-epoch CIFAR-10 run (about 200 updates) still held 12% of the untrained weights at its end.
+- One set of weights outside training. Validation, the choice of best.ckpt, the test stage after training, eval,
+  predict and export all use the averaged weights: a checkpoint's `state_dict`. Lightning's callback would put the
+  raw weights back whenever a checkpoint is loaded, so the test stage after fit scored other weights than the ones
+  best.ckpt was chosen by and eval scores; here the raw weights are restored only to continue training.
+"""
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+
+
+class EMA(WeightAveraging):
+    """Keeps an exponential moving average of the model's weights and BatchNorm statistics.
+
+    Args:
+        decay: the decay per update once warmed up (0.99: the average spans about the last 100 updates).
+        update_every_n_steps: optimizer steps between updates.
+        warmup: update n uses decay min(decay, (1 + n) / (warmup + n)); 10 reaches 0.9 after 80 updates.
+    """
+
+    def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1, warmup: float = 10.0) -> None:
+        if not 0.0 <= decay < 1.0 or update_every_n_steps < 1 or warmup < 1.0:
+            raise ValueError(
+                f"EMA needs 0 <= decay < 1, update_every_n_steps >= 1 and warmup >= 1; got {decay}, "
+                f"{update_every_n_steps}, {warmup}."
+            )
+        super().__init__(use_buffers=True, multi_avg_fn=self._update)
+        self.decay, self.update_every_n_steps, self.warmup = decay, update_every_n_steps, warmup
+        self.updates = 0  # updates made so far, counted on the host so that no step waits for the device
+
+    def decay_of_update(self, n: int) -> float:
+        """The decay that update n (from 0) applies: 0 copies the weights, values near 1 change the average little."""
+        return min(self.decay, (1 + n) / (self.warmup + n))
+
+    @torch.no_grad()
+    def _update(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        # AveragedModel copies the weights at its first update without calling this, which is update 0 (decay 0).
+        weight = 1.0 - self.decay_of_update(self.updates)
+        for avg, now in zip(averaged, current, strict=True):
+            if avg.is_floating_point():
+                avg.lerp_(now, weight)  # avg <- decay * avg + (1 - decay) * now
+            else:  # BatchNorm's num_batches_tracked counter
+                avg.copy_(now)
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and step_idx % self.update_every_n_steps == 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        updated_before = self._latest_update_step
+        super().on_train_batch_end(trainer, pl_module, *args)
+        if self._latest_update_step != updated_before:
+            self.updates += 1
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Outside fit (the test stage after training) the checkpoint's state_dict, the average, is what is scored.
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.updates = state_dict.get("updates", 0)
