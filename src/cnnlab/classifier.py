@@ -6,12 +6,15 @@ It is built from plain config dictionaries (the model's, the optimizer's, the sc
 """
 
 import inspect
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import Metric
@@ -25,16 +28,57 @@ def build_model(model: dict[str, Any]) -> nn.Module:
     return instantiate(model, _convert_="all")
 
 
-def make_scheduler(scheduler: dict[str, Any] | None, optimizer: Optimizer, total_steps: int) -> LRScheduler | None:
-    """A per-step LR scheduler from its `_partial_` config; `total_steps` / `T_max` span the run unless given."""
+def schedule_span(scheduler: dict[str, Any] | None, total_steps: int) -> dict[str, int]:
+    """The arguments that stretch a per-step schedule over the run (`total_steps`, `T_max`) that its config leaves
+    to be filled in, with their values for a run of total_steps optimizer steps."""
     if not scheduler:
-        return None
+        return {}
     partial = instantiate(scheduler)
     params = inspect.signature(partial.func).parameters
     # OneCycleLR divides by zero on a few steps; a run that short (a smoke test) stops early instead.
     steps = max(total_steps, MIN_SCHEDULE_STEPS)
-    filled = {name: steps for name in ("total_steps", "T_max") if name in params and name not in partial.keywords}
-    return partial(optimizer, **filled)
+    return {name: steps for name in ("total_steps", "T_max") if name in params and name not in partial.keywords}
+
+
+def make_scheduler(scheduler: dict[str, Any] | None, optimizer: Optimizer, total_steps: int) -> LRScheduler | None:
+    """A per-step LR scheduler from its `_partial_` config; `total_steps` / `T_max` span the run unless given."""
+    if not scheduler:
+        return None
+    return instantiate(scheduler)(optimizer, **schedule_span(scheduler, total_steps))
+
+
+def replanned_scheduler(
+    scheduler: dict[str, Any], optimizer: Optimizer, total_steps: int, done_steps: int
+) -> LRScheduler:
+    """The scheduler a run planned for total_steps from the start would have after done_steps optimizer steps.
+
+    Built anew and stepped done_steps times from the optimizer's initial rates, so it holds for every scheduler,
+    including those whose next rate is computed from the current one (cosine annealing).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("initial_lr", group["lr"])
+    replanned = make_scheduler(scheduler, optimizer, total_steps)
+    with warnings.catch_warnings():  # stepping a scheduler without optimizer steps is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(done_steps):
+            replanned.step()
+    return replanned
+
+
+def flip_averaged(net: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """Logits averaged over the images and their mirror images (flip test-time augmentation); x is N x C x H x W."""
+    return (net(x) + net(x.flip(3))) / 2
+
+
+class InferenceNet(nn.Module):
+    """The classifier's evaluation path as a plain module, for export: the model, flip-averaged under tta_flip."""
+
+    def __init__(self, model: nn.Module, tta_flip: bool) -> None:
+        super().__init__()
+        self.model, self.tta_flip = model, tta_flip
+
+    def forward(self, images: Tensor) -> Tensor:
+        return flip_averaged(self.model, images) if self.tta_flip else self.model(images)
 
 
 class TrainingSums(Metric):
@@ -72,7 +116,7 @@ class ImageClassifier(L.LightningModule):
         scheduler: a `_partial_` LR scheduler config or None; `total_steps` / `T_max` are filled in when absent.
         data: the data config the model was trained with (its `_target_` DataModule, image_shape, num_classes,
             mean, std, class_names), so evaluation and prediction can rebuild the data path from a checkpoint alone.
-        label_smoothing: cross-entropy label smoothing in [0, 1).
+        label_smoothing: cross-entropy label smoothing in [0, 1) of the training loss (evaluation losses are plain).
         channels_last: run the model and its inputs in channels-last memory format (faster convolutions).
         tta_flip: evaluate on each image and its mirror image and average the logits (for flip-invariant data).
     """
@@ -129,16 +173,19 @@ class ImageClassifier(L.LightningModule):
         self.train_sums.reset()
 
     def predict_logits(self, x: Tensor) -> Tensor:
-        """Logits for evaluation: of the images, or averaged with their mirror images under tta_flip."""
-        if self.hparams.get("tta_flip"):
-            return (self(x) + self(x.flip(3))) / 2
-        return self(x)
+        """Logits for evaluation: of the images, or averaged with their mirror images under tta_flip.
+
+        The one inference path: validation, the test stage, eval, predict and export (cnnlab.export) all run it.
+        """
+        return flip_averaged(self, x) if self.hparams.get("tta_flip") else self(x)
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> None:
         x, y = batch
         logits = self.predict_logits(x)
         metric(logits, y)
-        self.log(f"{stage}/loss", self.criterion(logits, y), on_epoch=True, prog_bar=stage == "val", sync_dist=True)
+        # Plain cross-entropy, whatever the training's label smoothing: evaluation losses compare across runs.
+        loss = F.cross_entropy(logits, y)
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=stage == "val")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -150,6 +197,25 @@ class ImageClassifier(L.LightningModule):
     def predict_step(self, batch: tuple[Tensor, Tensor] | Tensor, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, list | tuple) else batch
         return self.predict_logits(x).softmax(dim=1)
+
+    def on_train_start(self) -> None:
+        # A resumed run whose length changed (resume=<run dir> trainer.max_epochs=<more>) restored a schedule laid
+        # out over the old length, which would end early (OneCycleLR refuses to step past its end; cosine annealing
+        # rises again). Lay it out over the new length instead, at the step the run has reached.
+        configs = self.trainer.lr_scheduler_configs
+        if not configs or self.trainer.global_step == 0:
+            return
+        total = int(self.trainer.estimated_stepping_batches)
+        config = configs[0]
+        span = schedule_span(self.hparams.scheduler, total)
+        if any(getattr(config.scheduler, name, value) != value for name, value in span.items()):
+            config.scheduler = replanned_scheduler(
+                self.hparams.scheduler, config.scheduler.optimizer, total, self.trainer.global_step
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What the test stage ran under, so that eval (precision=auto) scores the checkpoint the same way.
+        checkpoint["precision"] = str(self.trainer.precision)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = instantiate(self.hparams.optimizer)(self.parameters())

@@ -93,6 +93,11 @@ def pick_device(name: str) -> torch.device:
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
 
+def run_precision(ckpt: dict[str, Any], asked: str) -> str:
+    """The precision to evaluate in: asked, or with `auto` the one the run trained and tested in (32-true if unknown)."""
+    return str(ckpt.get("precision", "32-true")) if asked == "auto" else asked
+
+
 @torch.inference_mode()
 def logits_and_labels(classifier, loader, device: torch.device, precision: str = "32-true") -> tuple[Tensor, Tensor]:
     """The classifier's logits over every batch of loader, in the loader's (unshuffled) order, on the CPU.
@@ -106,15 +111,13 @@ def logits_and_labels(classifier, loader, device: torch.device, precision: str =
     logits, labels = [], []
     for x, y in loader:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits.append(classifier(x.to(device)).float().cpu())
+            logits.append(classifier.predict_logits(x.to(device)).float().cpu())
         labels.append(y.cpu())
     return torch.cat(logits), torch.cat(labels)
 
 
-def score(
-    logits: Tensor, labels: Tensor, class_names: list[str], label_smoothing: float, split: str
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Accuracy (top-1, top-5), loss, per-class precision and recall, macro-F1, and the confusion matrix."""
+def score(logits: Tensor, labels: Tensor, class_names: list[str], split: str) -> tuple[dict[str, Any], np.ndarray]:
+    """Accuracy (top-1, top-5), plain cross-entropy loss, per-class precision and recall, macro-F1, confusion matrix."""
     from torchmetrics.classification import (
         MulticlassAccuracy,
         MulticlassConfusionMatrix,
@@ -124,7 +127,7 @@ def score(
     )
 
     n = len(class_names)
-    loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
     metrics: dict[str, Any] = {
         f"{split}_acc": MulticlassAccuracy(n, average="micro")(logits, labels).item(),
         f"{split}_loss": loss.item(),
@@ -160,16 +163,18 @@ def evaluate_checkpoint(path: Path, ckpt: dict[str, Any], datamodule, cfg: DictC
     datamodule.setup("test")
     classifier = classifier_from_checkpoint(ckpt, str(path))
     loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
-    logits, labels = logits_and_labels(classifier, loader, pick_device(cfg.device), str(cfg.precision))
+    precision = run_precision(ckpt, str(cfg.precision))
+    logits, labels = logits_and_labels(classifier, loader, pick_device(cfg.device), precision)
     hparams = ckpt["hyper_parameters"]
     class_names = list(datamodule.class_names)
-    metrics, confusion = score(logits, labels, class_names, hparams.get("label_smoothing", 0.0), cfg.split)
+    metrics, confusion = score(logits, labels, class_names, cfg.split)
     metrics = {
         "split": cfg.split,
         "samples": len(labels),
         "checkpoint": str(path),
         "checkpoint_sha256": file_sha256(path),
         "model": hparams["model"]["_target_"],
+        "precision": precision,
         "data": hparams["data"]["_target_"],
         **metrics,
     }
@@ -274,8 +279,8 @@ def print_results(console: Console, results: list[Evaluation], rows: list[dict[s
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate cfg.ckpt_path (one or many checkpoints); returns the metrics (for many: the ranked rows too)."""
-    if str(cfg.precision) not in PRECISIONS:
-        raise UserError(f"precision={cfg.precision!r} is not known; choose one of {', '.join(PRECISIONS)}.")
+    if str(cfg.precision) not in ("auto", *PRECISIONS):
+        raise UserError(f"precision={cfg.precision!r} is not known; choose auto or one of {', '.join(PRECISIONS)}.")
     if cfg.split not in SPLITS:
         raise UserError(f"split={cfg.split!r} is not known; choose one of {', '.join(SPLITS)}.")
     if cfg.ckpt_path is None or cfg.ckpt_path == "":

@@ -1,10 +1,11 @@
 """export(cfg): write a checkpoint's model as ONNX or TorchScript and check it against PyTorch on a batch.
 
-The exported network is the plain model (no Lightning): input `images`, a float32 batch normalized as the data
-config says (N x C x H x W, any N), output `logits`. ONNX uses the TorchScript-based exporter
-(`torch.onnx.export(dynamo=False)`): the newer torch.export-based one needs the separate `onnxscript` package and
-gives nothing this network needs. The file is written beside its final name and renamed into place only once its
-outputs match PyTorch's within the tolerance.
+The exported network is the classifier's evaluation path as a plain module (no Lightning): the model, and for a run
+trained with `tta_flip` the mirror-image averaging too, so an export computes what eval scored. Input `images`, a
+float32 batch normalized as the data config says (N x C x H x W, any N), output `logits`. ONNX uses the
+TorchScript-based exporter (`torch.onnx.export(dynamo=False)`): the newer torch.export-based one needs the separate
+`onnxscript` package and gives nothing this network needs. The file is written beside its final name and renamed
+into place only once its outputs match PyTorch's within the tolerance.
 """
 
 import os
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from cnnlab.atomic_files import move_into_place
 from cnnlab.checkpoints import classifier_from_checkpoint, data_config, load_checkpoint
+from cnnlab.classifier import InferenceNet
 from cnnlab.errors import UserError
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -90,8 +92,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     ckpt = load_checkpoint(cfg.ckpt_path)
     source = Path(cfg.ckpt_path)
     output = Path(cfg.output) if cfg.output else source.with_name(source.stem + SUFFIXES[cfg.format])
-    model = classifier_from_checkpoint(ckpt, str(source)).model.float().eval()
-    model = model.to(memory_format=torch.contiguous_format)
+    classifier = classifier_from_checkpoint(ckpt, str(source))
+    tta = bool(classifier.hparams.get("tta_flip"))
+    model = InferenceNet(classifier.model.float().to(memory_format=torch.contiguous_format), tta).eval()
     # Traced at one batch size and checked at another, so a batch dimension baked in as a constant shows up.
     example, check = sample_batch(ckpt, 2, seed=0), sample_batch(ckpt, cfg.batch_size, seed=1)
     with torch.inference_mode():
@@ -124,9 +127,11 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         "batch": cfg.batch_size,
         "max_abs_diff": max_abs_diff,
         "tolerance": cfg.tolerance,
+        "tta": tta,
     }
+    graph = "flip TTA in the graph (each image and its mirror image, logits averaged)" if tta else "no TTA in the graph"
     print(
-        f"Wrote {output} ({cfg.format}, input images: N x {' x '.join(map(str, check.shape[1:]))}). "
+        f"Wrote {output} ({cfg.format}, input images: N x {' x '.join(map(str, check.shape[1:]))}, {graph}). "
         f"Checked on {cfg.batch_size} images: max abs difference from PyTorch {max_abs_diff:.2e} "
         f"(tolerance {cfg.tolerance:g})."
     )

@@ -92,7 +92,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     with torch.inference_mode():
         for start in range(0, len(images), cfg.batch_size):
             batch = torch.from_numpy(images[start : start + cfg.batch_size])
-            probabilities.append(classifier(normalize(batch)).softmax(dim=1))
+            probabilities.append(classifier.predict_logits(normalize(batch)).softmax(dim=1))
     top = torch.cat(probabilities).topk(top_k, dim=1)
 
     rows = [
