@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from cnnlab.checkpoint_io import DiskFull
 from cnnlab.classifier import ImageClassifier
 from cnnlab.run_record import environment, write_json
 from cnnlab.stopping import NonFiniteLoss, RunInterrupted
@@ -105,12 +106,13 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()  # missing files are reported before anything is built
-    classifier = build_classifier(cfg)
     resume_step = None
     if cfg.ckpt_path:
         resume_step = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
     trainer = build_trainer(cfg, extra_callbacks, resume_step)
+    if trainer.local_rank == 0:  # once per machine: Lightning holds the other processes back until it is done
+        datamodule.prepare_data()  # missing files are reported before the model is built or anything is written
+    classifier = build_classifier(cfg)
     console = Console(stderr=False)
     if trainer.is_global_zero:
         console.print(OmegaConf.to_yaml(cfg, resolve=True), markup=False, highlight=False)
@@ -118,11 +120,14 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     start = time.perf_counter()
     try:
         trainer.fit(classifier, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-    except (RunInterrupted, NonFiniteLoss) as stop:
-        status = "interrupted" if isinstance(stop, RunInterrupted) else "diverged"
+    except (RunInterrupted, NonFiniteLoss, DiskFull) as stop:
+        status = {RunInterrupted: "interrupted", NonFiniteLoss: "diverged"}.get(type(stop), "failed")
         progress = {"status": status, "epochs": trainer.current_epoch, "global_step": trainer.global_step}
         if trainer.is_global_zero:
-            write_json(run_dir / "metrics.json", {**progress, **logged_so_far(trainer)})
+            try:
+                write_json(run_dir / "metrics.json", {**progress, **logged_so_far(trainer)})
+            except OSError:  # a full disk may not take even this; the message says what happened
+                pass
         raise
     train_seconds = time.perf_counter() - start
 
