@@ -94,7 +94,7 @@ PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
 
 def run_precision(ckpt: dict[str, Any], asked: str) -> str:
-    """The precision to evaluate in: asked, or with `auto` the one the run trained and tested in (32-true if unknown)."""
+    """The precision to evaluate in: asked, or for `auto` the one the run was tested in (32-true if unknown)."""
     return str(ckpt.get("precision", "32-true")) if asked == "auto" else asked
 
 
