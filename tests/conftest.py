@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from cnnlab.cli import config_dir
-from cnnlab.data.formats import write_cifar_batch, write_cifar_meta, write_idx
+from cnnlab.data.formats import read_cifar_batch, read_idx, write_cifar_batch, write_cifar_meta, write_idx
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -75,6 +75,35 @@ def real_data() -> Path:
     path = Path(value)
     assert (path / "MNIST" / "raw").is_dir(), f"{path} has no MNIST/raw/"
     return path
+
+
+def real_subset(real: Path, root: Path, n_train: int, n_test: int) -> Path:
+    """The first n_train / n_test real MNIST and CIFAR-10 images, written in their own formats under root."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        for kind in ("images-idx3", "labels-idx1"):
+            name = f"{prefix}-{kind}-ubyte"
+            write_idx(raw / name, read_idx(real / "MNIST" / "raw" / name)[:n])
+    source, folder = real / "cifar-10-batches-py", root / "cifar-10-batches-py"
+    folder.mkdir()
+    images, labels = read_cifar_batch(source / "data_batch_1")
+    for i, part in enumerate(np.array_split(np.arange(n_train), 5), start=1):
+        write_cifar_batch(folder / f"data_batch_{i}", images[part], labels[part])
+    images, labels = read_cifar_batch(source / "test_batch")
+    write_cifar_batch(folder / "test_batch", images[:n_test], labels[:n_test])
+    write_cifar_meta(folder / "batches.meta", CIFAR_CLASSES)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_small(real_data, tmp_path_factory) -> Path:
+    """A few hundred real images: MNIST and CIFAR-10, 600 training and 300 test images each, in the real formats.
+
+    Behaviour that a default config controls (checkpoints, schedules, EMA, TTA) is tested on these with the defaults
+    unchanged; only the sizes that a few hundred images force (data.val_size, batch limits) are set.
+    """
+    return real_subset(real_data, tmp_path_factory.mktemp("real_small"), n_train=600, n_test=300)
 
 
 def compose_config(overrides: list[str], run_dir: Path, config_name: str = "train") -> DictConfig:

@@ -1,0 +1,35 @@
+"""Test doubles that run inside the processes of a real multi-process run (loaded by `_target_` from the config)."""
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+
+from cnnlab.data.mnist import MNISTDataModule
+
+
+class NaNInputOnRank(L.Callback):
+    """Turns one rank's batch into NaNs at one step, so only that rank's loss is non-finite."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            batch[0].fill_(float("nan"))
+
+
+class CountingMNIST(MNISTDataModule):
+    """MNIST whose "download" takes a second, copies files from `source`, and appends the process's rank to `log`."""
+
+    def __init__(self, source: str, log: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.source, self.log = Path(source), Path(log)
+
+    def fetch(self) -> None:
+        with self.log.open("a") as f:
+            f.write(f"{os.environ.get('LOCAL_RANK', '0')}\n")
+        time.sleep(1.0)  # long enough for a second process started at the same time to find the files missing too
+        shutil.copytree(self.source / "MNIST", self.data_dir / "MNIST", dirs_exist_ok=True)
