@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cnnlab.classifier import ImageClassifier
-from cnnlab.run_record import environment, write_json
+from cnnlab.run_record import early_stopping_record, environment, write_json
 from cnnlab.stopping import NonFiniteLoss, RunInterrupted
 from cnnlab.validation import validate_config
 
@@ -140,6 +140,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         ),
         "val_acc_best": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score else None,
         "best_checkpoint": best_path or None,
+        **early_stopping_record(trainer),  # stopped_early, stopped_epoch
     }
     if cfg.test:
         results = trainer.test(
