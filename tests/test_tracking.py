@@ -171,12 +171,15 @@ def test_logger_wandb_without_wandb_installed_is_one_paragraph_and_exit_2(tiny_d
 
 
 @pytest.mark.skipif(not WANDB_INSTALLED, reason='needs wandb: pip install -e ".[wandb]"')
-def test_logger_wandb_writes_an_offline_run_into_the_run_folder(tiny_data, tmp_path):
-    cfg = compose_config([*fast_overrides(tiny_data), "trainer.max_epochs=2", "trainer.limit_train_batches=4",
-                          "logger=wandb"], tmp_path / "run")  # fmt: skip
-    train(cfg)
-    (offline_run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
-    (records,) = offline_run.glob("*.wandb")
-    assert records.stat().st_size > 0
-    summary = json.loads((offline_run / "files" / "wandb-summary.json").read_text())
-    assert {"val/acc", "train/loss", "test/acc"} <= set(summary)
+def test_logger_wandb_writes_one_offline_run_per_training_run(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # Lightning sets it for offline runs; restored after the test
+    for name in ("first", "second"):  # in one process, as the jobs of a sweep: the second must not reuse the first
+        cfg = compose_config([*fast_overrides(tiny_data), "trainer.max_epochs=2", "trainer.limit_train_batches=4",
+                              "logger=wandb"], tmp_path / name)  # fmt: skip
+        train(cfg)
+        (offline_run,) = (tmp_path / name / "wandb").glob("offline-run-*")
+        # The run's records (protobuf, read by `wandb sync`): per-epoch metrics, the whole config (trainer keys are
+        # not among the classifier's hyperparameters) and metrics.json's values (test_acc) in the summary.
+        (records,) = offline_run.glob("run-*.wandb")
+        content = records.read_bytes()
+        assert all(key in content for key in (b"val/acc", b"train/loss", b"max_epochs", b"test_acc", b"stopped_early"))

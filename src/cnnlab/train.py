@@ -20,7 +20,7 @@ from rich.table import Table
 from cnnlab.classifier import ImageClassifier
 from cnnlab.run_record import early_stopping_record, environment, write_json
 from cnnlab.stopping import NonFiniteLoss, RunInterrupted
-from cnnlab.tracking import record_in_mlflow
+from cnnlab.tracking import finish_tracking
 from cnnlab.validation import validate_config
 
 
@@ -158,7 +158,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
             if isinstance(logger, TensorBoardLogger):
                 scores = {f"hp/{k}": v for k, v in metrics.items() if isinstance(v, float)}
                 logger.log_hyperparams(plain(cfg), scores)
-        record_in_mlflow(trainer, cfg, metrics)  # logger=mlflow: the config, these metrics, best.ckpt
+        finish_tracking(trainer, cfg, metrics)  # logger=mlflow or wandb: the config, these metrics, best.ckpt
         print_summary(console, run_dir, metrics)
     return metrics
 

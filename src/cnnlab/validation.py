@@ -133,7 +133,7 @@ def check_output_arguments(args: list[str]) -> None:
 
 
 # Loggers whose package is optional, and the pyproject.toml extra (named as the package) that installs it.
-OPTIONAL_LOGGERS = {"MLFlowLogger": "mlflow", "WandbLogger": "wandb"}
+OPTIONAL_LOGGERS = {"MLFlowLogger": "mlflow", "WandbLogger": "wandb", "FinishingWandbLogger": "wandb"}
 
 
 def check_logger_packages(cfg: DictConfig) -> None:
