@@ -22,7 +22,7 @@ def early_stopping_record(trainer: L.Trainer) -> dict[str, Any]:
     stopper = trainer.early_stopping_callback
     if stopper is None:
         return {"stopped_early": False, "stopped_epoch": None}
-    # stopping_reason (Lightning >= 2.6) also tells a stop at epoch 0 (a non-finite val/acc); stopped_epoch is 0 then.
+    # Recent Lightning records stopping_reason, which also tells a stop at epoch 0 (a non-finite val/acc).
     reason = getattr(stopper, "stopping_reason", None)
     stopped = reason.name != "NOT_STOPPED" if reason is not None else stopper.stopped_epoch > 0
     return {"stopped_early": stopped, "stopped_epoch": stopper.stopped_epoch if stopped else None}
