@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 
 from cnnlab.atomic_files import write_text_atomic
@@ -14,6 +15,17 @@ from cnnlab.atomic_files import write_text_atomic
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically (temporary file + rename), so a killed process never leaves half a file."""
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def early_stopping_record(trainer: L.Trainer) -> dict[str, Any]:
+    """Whether early stopping (callbacks/early_stopping) ended the run, and after which epoch (counted from 0)."""
+    stopper = trainer.early_stopping_callback
+    if stopper is None:
+        return {"stopped_early": False, "stopped_epoch": None}
+    # Recent Lightning records stopping_reason, which also tells a stop at epoch 0 (a non-finite val/acc).
+    reason = getattr(stopper, "stopping_reason", None)
+    stopped = reason.name != "NOT_STOPPED" if reason is not None else stopper.stopped_epoch > 0
+    return {"stopped_early": stopped, "stopped_epoch": stopper.stopped_epoch if stopped else None}
 
 
 def _git_state() -> dict[str, Any]:

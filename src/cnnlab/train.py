@@ -19,8 +19,9 @@ from rich.table import Table
 
 from cnnlab.checkpoint_io import DiskFull
 from cnnlab.classifier import ImageClassifier
-from cnnlab.run_record import environment, write_json
+from cnnlab.run_record import early_stopping_record, environment, write_json
 from cnnlab.stopping import NonFiniteLoss, RunInterrupted
+from cnnlab.tracking import finish_tracking
 from cnnlab.validation import validate_config
 
 
@@ -145,6 +146,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         ),
         "val_acc_best": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score else None,
         "best_checkpoint": best_path or None,
+        **early_stopping_record(trainer),  # stopped_early, stopped_epoch
     }
     if cfg.test:
         results = trainer.test(
@@ -161,6 +163,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
             if isinstance(logger, TensorBoardLogger):
                 scores = {f"hp/{k}": v for k, v in metrics.items() if isinstance(v, float)}
                 logger.log_hyperparams(plain(cfg), scores)
+        finish_tracking(trainer, cfg, metrics)  # logger=mlflow or wandb: the config, these metrics, best.ckpt
         print_summary(console, run_dir, metrics)
     return metrics
 

@@ -1,5 +1,6 @@
 """Checks of a composed config before any work starts: each mistake becomes one UserError paragraph naming the key."""
 
+import importlib.util
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,23 @@ def check_output_arguments(args: list[str]) -> None:
             raise UserError(f"{key}={folder} cannot be written (no permission). Point it at a writable folder.")
 
 
+# Loggers whose package is optional, and the pyproject.toml extra (named as the package) that installs it.
+OPTIONAL_LOGGERS = {"MLFlowLogger": "mlflow", "WandbLogger": "wandb", "FinishingWandbLogger": "wandb"}
+
+
+def check_logger_packages(cfg: DictConfig) -> None:
+    """A logger whose package is missing stops the run now, not after the data is read and the model built."""
+    for name, node in (cfg.get("logger") or {}).items():
+        target = str(node.get("_target_", "")) if node is not None else ""
+        package = OPTIONAL_LOGGERS.get(target.rsplit(".", 1)[-1])
+        if package and importlib.util.find_spec(package) is None:
+            raise UserError(
+                f"logger.{name} ({target}) needs the {package} package, which is not installed. Install it with "
+                f'pip install -e ".[{package}]" (or pip install {package}), or choose another logger, e.g. '
+                "logger=tensorboard."
+            )
+
+
 def check_accelerator(cfg: DictConfig) -> None:
     """A GPU asked for where PyTorch sees none is a setting to change, not a crash inside Lightning."""
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
@@ -144,6 +162,7 @@ def check_accelerator(cfg: DictConfig) -> None:
 
 def validate_config(cfg: DictConfig) -> None:
     """Every check, cheapest first; raises the first UserError found."""
+    check_logger_packages(cfg)
     check_numbers(cfg)
     check_accelerator(cfg)
     check_paths(cfg)
