@@ -408,3 +408,31 @@ def test_different_seeds_give_independent_data_orders_and_augmentations():
     assert not torch.equal(augmented(43, 0), augmented(42, 1))
     assert not torch.equal(augmented(42, 0, rank=0), augmented(42, 0, rank=1))
     assert torch.equal(augmented(42, 3), augmented(42, 3))
+
+
+def test_ema_average_is_a_copy_then_follows_the_warmed_up_decay():
+    import lightning as L
+
+    from cnnlab.ema import EMA
+
+    class Scalar(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+    class Steps:  # what the callback reads of the trainer
+        global_step = 0
+
+    module, trainer, ema = Scalar(), Steps(), EMA(decay=0.99, update_every_n_steps=1, warmup=10)
+    ema.setup(trainer, module, "fit")
+    expected = None
+    for step, value in enumerate([1.0, 3.0, -2.0, 5.0], start=1):
+        module.w.data.fill_(value)
+        trainer.global_step = step
+        ema.on_train_batch_end(trainer, module, None, None, step - 1)
+        n = step - 1  # update n mixes in the weights with decay min(0.99, (1 + n) / (10 + n)); update 0 copies
+        expected = (
+            value if n == 0 else min(0.99, (1 + n) / (10 + n)) * expected + (1 - min(0.99, (1 + n) / (10 + n))) * value
+        )
+        assert ema._average_model.module.w.item() == pytest.approx(expected, rel=1e-6)
+    assert ema.updates == 4 and ema._average_model.n_averaged.item() == 4

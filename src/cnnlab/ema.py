@@ -2,7 +2,7 @@
 
 The average is Lightning's WeightAveraging machinery (an AveragedModel beside the trained one, BatchNorm statistics
 averaged too, swapped in for validation, written as the checkpoint's `state_dict` with the raw weights beside it in
-`current_model_state`). Two things differ from Lightning's EMAWeightAveraging:
+`current_model_state`). Three things differ from Lightning's EMAWeightAveraging:
 
 - Warm-up. Update n (counting from 0) mixes in the current weights with decay min(decay, (1 + n) / (warmup + n)), as
   TensorFlow's ExponentialMovingAverage does with num_updates: the first updates follow the weights closely, so the
@@ -12,15 +12,19 @@ averaged too, swapped in for validation, written as the checkpoint's `state_dict
   predict and export all use the averaged weights: a checkpoint's `state_dict`. Lightning's callback would put the
   raw weights back whenever a checkpoint is loaded, so the test stage after fit scored other weights than the ones
   best.ckpt was chosen by and eval scores; here the raw weights are restored only to continue training.
+- No waiting for the GPU. The update itself is done here, with its count on the host: AveragedModel's own update
+  reads its device-side count twice per update. It writes into WeightAveraging's `_average_model` (no public
+  accessor); tests/test_run_semantics.py checks the average against the formula, so a Lightning change that moves
+  it fails there.
 """
 
+import itertools
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import Tensor
 
 
 class EMA(WeightAveraging):
@@ -38,32 +42,41 @@ class EMA(WeightAveraging):
                 f"EMA needs 0 <= decay < 1, update_every_n_steps >= 1 and warmup >= 1; got {decay}, "
                 f"{update_every_n_steps}, {warmup}."
             )
-        super().__init__(use_buffers=True, multi_avg_fn=self._update)
+        super().__init__(use_buffers=True)
         self.decay, self.update_every_n_steps, self.warmup = decay, update_every_n_steps, warmup
         self.updates = 0  # updates made so far, counted on the host so that no step waits for the device
+        self.updated_at_step = 0  # the optimizer step after which the average was last updated
 
     def decay_of_update(self, n: int) -> float:
         """The decay that update n (from 0) applies: 0 copies the weights, values near 1 change the average little."""
-        return min(self.decay, (1 + n) / (self.warmup + n))
-
-    @torch.no_grad()
-    def _update(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        # AveragedModel copies the weights at its first update without calling this, which is update 0 (decay 0).
-        weight = 1.0 - self.decay_of_update(self.updates)
-        for avg, now in zip(averaged, current, strict=True):
-            if avg.is_floating_point():
-                avg.lerp_(now, weight)  # avg <- decay * avg + (1 - decay) * now
-            else:  # BatchNorm's num_batches_tracked counter
-                avg.copy_(now)
+        return min(self.decay, (1 + n) / (self.warmup + n)) if n > 0 else 0.0
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0
 
+    @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        updated_before = self._latest_update_step
-        super().on_train_batch_end(trainer, pl_module, *args)
-        if self._latest_update_step != updated_before:
-            self.updates += 1
+        # Replaces AveragedModel.update_parameters, which tests its device-side update count in Python twice per
+        # update (each test makes the host wait for the GPU): the count lives on the host here.
+        if self.updates and trainer.global_step <= self.updated_at_step:
+            return  # no optimizer step since the last update (gradient accumulation)
+        if not self.should_update(step_idx=trainer.global_step - 1):
+            return
+        average = self._average_model
+        weight = 1.0 - self.decay_of_update(self.updates)
+        pairs = zip(
+            itertools.chain(average.module.parameters(), average.module.buffers()),
+            itertools.chain(pl_module.parameters(), pl_module.buffers()),
+            strict=True,
+        )
+        for avg, now in pairs:
+            if avg.is_floating_point():
+                avg.lerp_(now.detach(), weight)  # avg <- decay * avg + (1 - decay) * now
+            else:  # BatchNorm's num_batches_tracked counter
+                avg.copy_(now)
+        self.updates += 1
+        self.updated_at_step = trainer.global_step
+        average.n_averaged.fill_(self.updates)  # AveragedModel's own count, saved with the average; no read
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Outside fit (the test stage after training) the checkpoint's state_dict, the average, is what is scored.
@@ -71,8 +84,7 @@ class EMA(WeightAveraging):
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "updates": self.updates}
+        return {"updates": self.updates, "updated_at_step": self.updated_at_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.updates = state_dict.get("updates", 0)
+        self.updates, self.updated_at_step = state_dict["updates"], state_dict["updated_at_step"]
