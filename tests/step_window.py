@@ -1,9 +1,9 @@
 """Callbacks that watch a window of training steps: what the device path must not do inside a step.
 
-The window runs from the start of training batch `first` to the end of batch `last` of the first epoch, so it holds
-whole steps (and the loader's work for them) and none of the per-epoch work: the loader's start, validation,
-checkpoints. The default window, batches 2 to 5, is one where no interval feature fires with the default callbacks:
-the progress bar redraws every 20 steps, the loss reaches the bar and the learning rate the logger every 50, and the
+The window runs from the start of training batch `first` to the end of batch `last` of one epoch (the first unless
+told), so it holds whole steps (and the loader's work for them) and none of the per-epoch work: the loader's start,
+validation, checkpoints. With the default callbacks no interval feature fires in the default window, batches 2 to 5:
+the progress bar redraws (and reads the loss) every 20 steps, the learning rate goes to the logger every 50, and the
 NaN check reads the device every 50 steps.
 """
 
@@ -16,10 +16,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class StepWindow(L.Callback):
-    """Calls open() before training batch `first` and close() after batch `last` (and on an exception)."""
+    """Calls open() before training batch `first` of `epoch` and close() after batch `last` (and on an exception)."""
 
-    def __init__(self, first: int = 2, last: int = 5) -> None:
-        self.first, self.last = first, last
+    def __init__(self, first: int = 2, last: int = 5, epoch: int = 0) -> None:
+        self.first, self.last, self.epoch = first, last, epoch
         self.is_open = False
         self.steps_seen = 0
 
@@ -30,7 +30,7 @@ class StepWindow(L.Callback):
         raise NotImplementedError
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        if trainer.current_epoch == 0 and idx == self.first:
+        if trainer.current_epoch == self.epoch and idx == self.first:
             self.open()
             self.is_open = True
 
@@ -75,8 +75,8 @@ class OpRecorder(TorchDispatchMode):
 class RecordOps(StepWindow):
     """Records the ATen operations of the steps in the window (see OpRecorder)."""
 
-    def __init__(self, first: int = 2, last: int = 5) -> None:
-        super().__init__(first, last)
+    def __init__(self, first: int = 2, last: int = 5, epoch: int = 0) -> None:
+        super().__init__(first, last, epoch)
         self.recorder = OpRecorder()
 
     def open(self) -> None:
