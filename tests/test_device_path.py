@@ -18,7 +18,8 @@ from tests.step_window import OpRecorder, RecordOps
 
 # ATen operations whose CUDA kernels are nondeterministic with no deterministic variant: under
 # torch.use_deterministic_algorithms(True) (trainer.deterministic=true) they raise. Taken from the list "will throw a
-# RuntimeError when mode=True" in the docstring of torch.use_deterministic_algorithms (PyTorch 2.11-2.14).
+# RuntimeError when mode=True" in the docstring of torch.use_deterministic_algorithms (PyTorch 2.11-2.14). Some raise
+# only in the cases the list names (bincount with weights, median with indices, ...); listed whole, to be strict.
 NONDETERMINISTIC_ON_CUDA = {
     "avg_pool3d_backward",
     "_adaptive_avg_pool2d_backward",

@@ -202,3 +202,14 @@ def test_tiny_rehearsal_runs_every_part_and_writes_both_reports(tiny_data, tmp_p
     assert lightning["share_of_peak"] == pytest.approx(share, abs=1e-4)
     text = (out / "gpu_check.md").read_text()
     assert "a CPU rehearsal" in text and "## Benchmark" in text and "| cifar10_fast |" in text
+
+
+def test_markdown_report_shows_the_end_of_a_failed_parts_output():
+    result = fake_result()
+    result["recipes"]["mnist_fast"].update(returncode=1, log_tail="Traceback ...\nRuntimeError: CUDA out of memory")
+    text = render_markdown(result)
+    assert "## Output of the parts that failed" in text
+    assert (
+        "`mnist_fast` (last lines of `logs/x.log`):\n\n```\nTraceback ...\nRuntimeError: CUDA out of memory\n```"
+        in text
+    )

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,18 +177,22 @@ def run_logged(cmd: list[str], log: Path, timeout: float) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             returncode, timed_out = process.wait(), True
-    return {
+    run = {
         "command": " ".join(cmd[1:]),
         "returncode": returncode,
         "timed_out": timed_out,
         "wall_seconds": round(time.perf_counter() - start, 1),
         "log": str(log),
     }
+    if returncode != 0 or timed_out:  # the end of the output says what went wrong
+        run["log_tail"] = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+    return run
 
 
-def log_tail(path: str, lines: int = 15) -> str:
-    text = Path(path).read_text(errors="replace").splitlines()
-    return "\n".join(text[-lines:])
+def fresh_dir(path: Path) -> Path:
+    """An empty run directory (a rerun into the same --out must not find an earlier run's checkpoints)."""
+    shutil.rmtree(path, ignore_errors=True)
+    return path
 
 
 class Check:
@@ -237,7 +242,7 @@ class Check:
         self.result["tests"] = run
 
     def train_command(self, recipe: str) -> list[str]:
-        run_dir = self.out / "runs" / recipe
+        run_dir = fresh_dir(self.out / "runs" / recipe)
         cmd = [sys.executable, str(SCRIPTS / "train.py"), f"experiment={recipe}"]
         if recipe == "cifar10_fast":
             cmd.append("trainer=gpu")  # as README.md runs the recipe: bf16, cuDNN autotuning
@@ -258,7 +263,7 @@ class Check:
         self.result["recipes"][recipe] = run
 
     def run_benchmark(self) -> None:
-        run_dir = self.out / "runs" / "benchmark"
+        run_dir = fresh_dir(self.out / "runs" / "benchmark")
         model = BENCHMARK_MODEL + (TINY_RESNET[:1] if self.tiny else [])
         cmd = [sys.executable, str(SCRIPTS / "benchmark.py"), *model, *BENCHMARK, f"device={self.device}"]
         cmd += [f"data.data_dir={self.data}", "data.download=false", f"hydra.run.dir={run_dir}"]
@@ -363,6 +368,8 @@ def problems(result: dict[str, Any]) -> list[str]:
                 found.append(f"{test['name']}: {test['outcome']} {test['message']}".rstrip())
         if not tests["tests"]:
             found.append(f"tests: none ran (pytest exit code {tests['returncode']}; see {tests['log']})")
+        elif tests["returncode"] not in (0, 1) and not tests["timed_out"]:  # 1: some failed, listed above
+            found.append(f"tests: pytest exit code {tests['returncode']} (see {tests['log']})")
         elif counts.get("skipped") and not result["simulation"]:
             found.append(f"tests: {counts['skipped']} skipped on a GPU machine")
     runs = [*result.get("recipes", {}).items(), ("benchmark", result.get("benchmark"))]
@@ -480,6 +487,12 @@ def render_markdown(result: dict[str, Any]) -> str:
             "",
             f"`{bench['command']}`",
         ]
+    failing = [("tests", tests), *recipes.items(), ("benchmark", bench)]
+    failing = [(name, run) for name, run in failing if run and run.get("log_tail")]
+    if failing:
+        lines += ["", "## Output of the parts that failed", ""]
+        for name, run in failing:
+            lines += [f"`{name}` (last lines of `{run['log']}`):", "", "```", run["log_tail"], "```", ""]
     return "\n".join(lines) + "\n"
 
 
