@@ -5,6 +5,7 @@ project's own path (cnnlab.train.train and the configs), so each takes seconds o
 counterparts of several of them are in tests/test_device_path.py.
 """
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -295,11 +296,14 @@ def test_ddp_trains_over_nccl_in_one_process(tiny_data, tmp_path):
     overrides = gpu_overrides(
         tiny_data, "lenet5", "trainer.accelerator=gpu", "trainer.devices=1", *SHORT, trainer="ddp"
     )
+    environ = dict(os.environ)  # Lightning's launcher sets MASTER_PORT, LOCAL_RANK, WORLD_SIZE, ... for the run
     try:
         metrics = train(compose_config(overrides, tmp_path), extra_callbacks=[probe])
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
     assert set(probe.seen) == {("nccl", 1, "DDPStrategy", "cuda")}
     assert metrics["status"] == "finished" and metrics["global_step"] == 8
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
