@@ -5,7 +5,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from cnnlab.models import LeNet5, ResBlk, ResNet
+from cnnlab.models import LeNet5, ResBlk, ResNet, ResNet9
 from tests.conftest import DATASETS, MODELS, compose_config
 
 
@@ -71,6 +71,42 @@ def test_resnet18_has_the_cifar_parameter_count():
 def test_resnet_works_for_any_channels_classes_and_image_size(shape):
     model = ResNet(shape[0], 5, widths=[8, 16], depths=[1, 1], strides=[1, 2])
     assert model(torch.randn(2, *shape)).shape == (2, 5)
+
+
+def resnet9_with_adaptive_max_pool() -> ResNet9:
+    """ResNet-9 as it was first written, with nn.AdaptiveMaxPool2d(1) (no deterministic CUDA backward)."""
+    model = ResNet9(widths=[8, 16, 16, 32])
+    model.pool = nn.AdaptiveMaxPool2d(1)
+    return model
+
+
+def test_resnet9_global_max_pool_keeps_the_checkpoint_keys_of_adaptive_max_pooling():
+    assert list(ResNet9().state_dict()) == list(resnet9_with_adaptive_max_pool().state_dict()) != []
+
+
+def test_resnet9_global_max_pool_gives_the_outputs_and_gradients_of_adaptive_max_pooling():
+    torch.manual_seed(0)
+    old = resnet9_with_adaptive_max_pool()
+    new = ResNet9(widths=[8, 16, 16, 32])
+    new.load_state_dict(old.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(new.pool(x), old.pool(x))
+    assert torch.equal(new(x), old(x))
+    x_old, x_new = x.clone().requires_grad_(), x.clone().requires_grad_()
+    old(x_old).square().sum().backward()
+    new(x_new).square().sum().backward()  # random activations do not tie for a maximum: one gradient for both
+    assert torch.allclose(x_new.grad, x_old.grad, atol=1e-6)
+
+
+def test_resnet9_trains_under_deterministic_algorithms():
+    model = ResNet9(widths=[8, 16, 16, 32])
+    try:
+        torch.use_deterministic_algorithms(True)
+        loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3]))
+        loss.backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert model.prep[0].weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("data", DATASETS)

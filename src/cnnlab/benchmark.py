@@ -20,7 +20,7 @@ from omegaconf import DictConfig, open_dict
 from cnnlab.classifier import build_model, make_scheduler
 from cnnlab.errors import UserError
 from cnnlab.run_record import environment, write_json
-from cnnlab.train import build_classifier, build_trainer, keep_freed_memory, plain
+from cnnlab.train import build_classifier, build_datamodule, build_trainer, keep_freed_memory, plain
 
 PATHS = ("lightning", "plain", "torchvision")
 
@@ -88,7 +88,7 @@ def lightning_rate(cfg: DictConfig, loader: str) -> float:
         if loader == "torchvision":
             cfg.data.num_workers = cfg.torchvision_workers
     L.seed_everything(cfg.seed, verbose=False)
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg)
     classifier = build_classifier(cfg)
     trainer = build_trainer(cfg)
     timer = StepTimer(cfg.warmup_steps)
@@ -214,7 +214,7 @@ def time_to_accuracy(cfg: DictConfig) -> dict[str, Any]:
     device = _device(cfg)
     cfg = _on_device(cfg)
     L.seed_everything(cfg.seed, verbose=False)
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg)
     classifier = build_classifier(cfg)
     trainer = build_trainer(cfg)
     stop = TestAccuracyStop(cfg.target_acc, started_at)

@@ -141,6 +141,9 @@ class ImageClassifier(L.LightningModule):
         self.train_sums = TrainingSums()
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # cnnlab.train.build_classifier sets this when it compiles the model: evaluation batches are then marked as
+        # of any size, so one compiled graph serves the full batches and the smaller last one alike.
+        self.dynamic_eval_batch = False
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets _current_fx_name before and after every hook it calls, some fifty times per step. It is a
@@ -153,6 +156,8 @@ class ImageClassifier(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.dynamic_eval_batch and not self.training and len(x) > 1:  # size 1 is always compiled apart
+            torch._dynamo.mark_dynamic(x, 0)
         return self.model(x)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -160,11 +165,10 @@ class ImageClassifier(L.LightningModule):
         logits = self(x)
         loss = self.criterion(logits, y)
         # Per-step self.log costs about a millisecond of Python, as much as a whole LeNet-5 step on a GPU: sums stay
-        # on the device and are logged once per epoch (torchmetrics reduces them across DDP ranks); the progress bar
-        # gets the loss every log_every_n_steps steps.
+        # on the device and are logged once per epoch (torchmetrics reduces them across DDP ranks). The progress bar
+        # takes the loss from this step's output when it redraws: a value logged with prog_bar=True would be read
+        # back from the device by Lightning after every step, however seldom it was logged.
         self.train_sums.update(loss, logits, y)
-        if batch_idx % self.trainer.log_every_n_steps == 0:
-            self.log("loss", loss.detach(), prog_bar=True, logger=False)
         return loss
 
     def on_train_epoch_end(self) -> None:

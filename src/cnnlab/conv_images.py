@@ -58,7 +58,9 @@ class ConvImages(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
-            pl_module(x)
+            # The model's forward, not its __call__: compiled (compile.enabled), the call would compile one more
+            # graph just for this one image.
+            pl_module.model.forward(x)
         pl_module.train(was_training)
         handle.remove()
         for writer in writers:

@@ -44,7 +44,14 @@ def build_classifier(cfg: DictConfig) -> ImageClassifier:
     if cfg.compile.enabled:
         # nn.Module.compile compiles in place: parameter names, and so checkpoint keys, stay the same.
         classifier.model.compile(backend=cfg.compile.backend, mode=cfg.compile.mode)
+        classifier.dynamic_eval_batch = True  # one evaluation graph for every batch size, not one per size
     return classifier
+
+
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """The DataModule for cfg. With compile.enabled its training loader drops each epoch's last, smaller batch:
+    a batch of another size would make torch.compile build a second training graph."""
+    return instantiate(cfg.data, drop_last=bool(cfg.data.get("drop_last") or cfg.compile.enabled))
 
 
 class NoProfiler(PassThroughProfiler):
@@ -95,8 +102,16 @@ def build_trainer(
         if lg is not None:
             tensorboard = resume_step is not None and lg._target_.endswith("TensorBoardLogger")
             loggers.append(instantiate(lg, purge_step=resume_step) if tensorboard else instantiate(lg))
-    profiler = {} if cfg.trainer.get("profiler") else {"profiler": NoProfiler()}
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **profiler)
+    overrides: dict[str, Any] = {} if cfg.trainer.get("profiler") else {"profiler": NoProfiler()}
+    if cfg.trainer.get("deterministic") and cfg.trainer.get("benchmark"):
+        # cuDNN autotuning times the candidate algorithms, so another process may pick another (deterministic) one
+        # and get other numbers: a deterministic run goes without it (trainer=gpu turns it on).
+        overrides["benchmark"] = False
+    if cfg.get("compile") and cfg.compile.enabled:
+        # Lightning validates under no_grad while fitting but tests under inference_mode, whose tensors a compiled
+        # graph tells apart: the test stage would compile one more evaluation graph. no_grad costs nothing more here.
+        overrides["inference_mode"] = False
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
@@ -106,7 +121,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     if cfg.get("keep_freed_memory"):
         keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg)
     resume_step = None
     if cfg.ckpt_path:
         resume_step = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]

@@ -58,6 +58,7 @@ class ImageDataModule(L.LightningDataModule):
         augment: bool = False,
         crop_padding: int = 0,
         flip: bool = False,
+        drop_last: bool = False,
         download: bool = True,
         num_classes: int = 10,
         image_shape: tuple[int, int, int] = (1, 28, 28),
@@ -73,6 +74,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_size, self.split_seed, self.seed = val_size, split_seed, seed
         self.loader, self.num_workers, self.download = loader, num_workers, download
         self.augment, self.crop_padding, self.flip = augment, crop_padding, flip
+        self.drop_last = drop_last
         self.num_classes, self.image_shape = num_classes, tuple(image_shape)
         self.mean, self.std = tuple(mean), tuple(std)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
@@ -172,7 +174,9 @@ class ImageDataModule(L.LightningDataModule):
 
     # --- loaders --------------------------------------------------------------------------------------------------
     def train_dataloader(self):
-        self.train_loader = self._loader("train", self.batch_size, shuffle=True, augment=self.augment)
+        self.train_loader = self._loader(
+            "train", self.batch_size, shuffle=True, augment=self.augment, drop_last=self.drop_last
+        )
         if isinstance(self.train_loader, TensorLoader) and getattr(self, "train_loader_state", None):
             self.train_loader.load_state_dict(self.train_loader_state)
             self.train_loader_state = None
@@ -201,17 +205,18 @@ class ImageDataModule(L.LightningDataModule):
         steps += [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
         return transforms.Compose(steps)
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool, augment: bool):
+    def _loader(self, split: str, batch_size: int, shuffle: bool, augment: bool, drop_last: bool = False):
         images, labels = self.splits[split]
         if self.loader == "tensor":
             rank, world_size = getattr(self, "rank", 0), getattr(self, "world_size", 1)
             sampler = EpochSampler(len(labels), shuffle, self.seed, rank, world_size, pad=split == "train")
-            return TensorLoader(images, labels, batch_size, sampler, self.batch_transform(augment))
+            return TensorLoader(images, labels, batch_size, sampler, self.batch_transform(augment), drop_last)
         dataset = ImageTensorDataset(images, labels, self.image_transform(augment))
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,

@@ -74,6 +74,14 @@ class BatchTransform:
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
         self.crop_padding, self.flip = crop_padding, flip
 
+    def to(self, device: torch.device | str) -> "BatchTransform":
+        """Keep the normalization constants on device (in place; returns self).
+
+        A copy from host memory to a GPU makes the host wait for it; done once here, not once per batch.
+        """
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
     @property
     def augments(self) -> bool:
         return self.crop_padding > 0 or self.flip
@@ -92,8 +100,9 @@ class BatchTransform:
         if self.flip:
             flip = torch.rand((b, 1, 1, 1), device=x.device, generator=generator) < 0.5
             x = torch.where(flip, x.flip(3), x)
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
-        return (x.float() - mean) / std
+        if self.mean.device != x.device:  # a transform built apart from a loader: moved on its first batch, then kept
+            self.to(x.device)
+        return (x.float() - self.mean) / self.std
 
 
 class TensorLoader:
@@ -117,7 +126,8 @@ class TensorLoader:
         drop_last: bool = False,
     ) -> None:
         self.images, self.labels = images, labels
-        self.batch_size, self.sampler, self.transform = batch_size, sampler, transform
+        # The constants go to the images' device now, while the loader is built, not inside a training step.
+        self.batch_size, self.sampler, self.transform = batch_size, sampler, transform.to(images.device)
         self.drop_last = drop_last
         self.served = 0  # batches handed out so far in the current pass
         self.resume_at: tuple[int, int] | None = None  # (epoch, batches already seen) from a checkpoint

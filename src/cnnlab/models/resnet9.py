@@ -20,6 +20,21 @@ class ConvBNPool(nn.Sequential):
         super().__init__(*layers)
 
 
+class GlobalMaxPool2d(nn.AdaptiveMaxPool2d):
+    """AdaptiveMaxPool2d(1) computed as a max over height and width.
+
+    The same values, but a backward pass that `trainer.deterministic=true` accepts on a GPU: adaptive_max_pool2d's
+    CUDA backward adds into the input gradient with atomics and has no deterministic version, while amax's is
+    elementwise. Where several positions tie for the maximum they share its gradient instead of one taking all.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(output_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.amax(dim=(2, 3), keepdim=True)  # (B, C, H, W) -> (B, C, 1, 1)
+
+
 class ResNet9(nn.Module):
     """ResNet-9 for 32x32 images (any channel count and class count; sizes divisible by 8)."""
 
@@ -37,7 +52,7 @@ class ResNet9(nn.Module):
         self.layer1 = nn.Sequential(ConvBNPool(w0, w1, pool=True, conv_impl=conv_impl), ResBlk(w1, w1, 1, conv_impl))
         self.layer2 = ConvBNPool(w1, w2, pool=True, conv_impl=conv_impl)
         self.layer3 = nn.Sequential(ConvBNPool(w2, w3, pool=True, conv_impl=conv_impl), ResBlk(w3, w3, 1, conv_impl))
-        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.pool = GlobalMaxPool2d()
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(w3, num_classes, bias=False)
         # Page scales the logits down by 8: the unscaled network starts out overconfident and trains slower.

@@ -1,0 +1,215 @@
+"""scripts/gpu_check.py on the CPU: its arithmetic, its reports, its refusals, and a rehearsal of every part.
+
+The check itself needs a GPU; here its pieces run on made-up results, and `--device cpu --tiny` runs the whole
+orchestration (subprocesses, JUnit parsing, run directories, both reports) on tiny data.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cnnlab.gpu_check import (
+    parse_junit,
+    parse_pytest_log,
+    peak_bf16_tflops,
+    problems,
+    render_markdown,
+    share_of_peak,
+    training_flops_per_image,
+)
+from tests.conftest import REPO
+
+NEEDS_NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the check runs for real")
+
+
+@pytest.mark.parametrize(
+    "name, row, tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.5),
+        ("NVIDIA H100 PCIe", "H100 PCIe", 756.5),
+        ("NVIDIA H100 NVL", "H100 NVL", 835.5),
+        ("NVIDIA H200", "H200 SXM", 989.5),
+        ("NVIDIA H200 NVL", "H200 NVL", 835.5),
+        ("NVIDIA A100-SXM4-80GB", "A100", 312.0),
+        ("NVIDIA A100 80GB PCIe", "A100", 312.0),
+    ],
+)
+def test_peak_table_finds_known_gpus_by_their_device_names(name, row, tflops):
+    assert peak_bf16_tflops(name) == (row, tflops)
+
+
+@pytest.mark.parametrize("name", ["NVIDIA GeForce RTX 4090", "NVIDIA GH200 480GB", "Tesla V100-SXM2-16GB"])
+def test_peak_table_knows_nothing_of_other_gpus(name):
+    assert peak_bf16_tflops(name) is None
+
+
+def test_training_flops_are_six_per_multiply_accumulate():
+    assert training_flops_per_image(555_422_720) == 3_332_536_320
+
+
+def test_share_of_peak_is_images_per_second_times_flops_over_the_peak():
+    achieved, share = share_of_peak(10_000, 3_332_536_320, 989.5)
+    assert achieved == pytest.approx(33.325, abs=1e-3)
+    assert share == pytest.approx(33.32536 / 989.5, rel=1e-6)
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" tests="4">
+<testcase classname="tests.test_gpu" name="test_a[lenet5]" time="1.25"/>
+<testcase classname="tests.test_gpu" name="test_b" time="0.5"><failure message="assert 3 == 2">long trace</failure>
+</testcase>
+<testcase classname="tests.test_gpu" name="test_c" time="0.0"><skipped type="pytest.skip" message="needs a GPU"/>
+</testcase>
+<testcase classname="tests.test_gpu" name="test_d" time="0.1"><error message="fixture failed"/></testcase>
+</testsuite></testsuites>"""
+
+
+def test_junit_report_gives_each_tests_outcome_time_and_message():
+    assert parse_junit(JUNIT) == [
+        {"name": "test_gpu::test_a[lenet5]", "outcome": "passed", "seconds": 1.25, "message": ""},
+        {"name": "test_gpu::test_b", "outcome": "failed", "seconds": 0.5, "message": "assert 3 == 2"},
+        {"name": "test_gpu::test_c", "outcome": "skipped", "seconds": 0.0, "message": "needs a GPU"},
+        {"name": "test_gpu::test_d", "outcome": "error", "seconds": 0.1, "message": "fixture failed"},
+    ]
+
+
+def test_a_cut_off_pytest_log_still_gives_the_outcomes_printed_so_far():
+    log = (
+        "tests/test_gpu.py::test_a[lenet5] PASSED                  [  4%]\n"
+        "tests/test_gpu.py::test_b FAILED                          [  8%]\n"
+        "tests/test_gpu.py::test_c "
+    )
+    assert [(t["name"], t["outcome"]) for t in parse_pytest_log(log)] == [
+        ("test_gpu::test_a[lenet5]", "passed"),
+        ("test_gpu::test_b", "failed"),
+    ]
+
+
+def fake_result() -> dict:
+    """What a check of an H100 could produce: one failed test, two recipes, the benchmark."""
+    tests = parse_junit(JUNIT)[:3]
+    run = {"returncode": 0, "timed_out": False, "log": "logs/x.log"}
+    return {
+        "status": "failed",
+        "started": "2026-01-01 12:00:00",
+        "device": {"name": "NVIDIA H100 80GB HBM3", "detail": "compute capability 9.0, 79.1 GiB", "count": 1},
+        "simulation": False,
+        "versions": {"torch": "2.11.0", "cuda": "12.8", "cudnn": 91000, "lightning": "2.6.6", "python": "3.11"},
+        "data": "/data",
+        "budget_seconds": {"total": 450},
+        "total_seconds": 301.0,
+        "tests": {**run, "returncode": 1, "wall_seconds": 150.0, "tests": tests, "counts": {"passed": 1, "failed": 1}},
+        "recipes": {
+            "mnist_fast": {
+                **run,
+                "command": "scripts/train.py experiment=mnist_fast",
+                "wall_seconds": 21.0,
+                "test_acc": 0.9921,
+                "train_seconds": 6.5,
+                "train_images_per_second": 99000.0,
+            },
+        },
+        "benchmark": {
+            **run,
+            "command": "scripts/benchmark.py model=resnet18",
+            "wall_seconds": 35.0,
+            "batch_size": 128,
+            "macs_per_image": 555_422_720,
+            "flops_per_image": 3_332_536_320,
+            "lightning_over_plain": 0.93,
+            "peak_bf16_tflops": 989.5,
+            "peak_source": "H100 SXM, NVIDIA datasheet, dense bf16 Tensor Core",
+            "paths": {
+                "lightning": {"images_per_second": 9300.0, "achieved_tflops": 30.99, "share_of_peak": 0.0313},
+                "plain": {"images_per_second": 10000.0, "achieved_tflops": 33.33, "share_of_peak": 0.0337},
+            },
+        },
+    }
+
+
+def test_markdown_report_gives_device_each_test_recipes_and_benchmark():
+    text = render_markdown(fake_result())
+    assert text.startswith("# GPU check: NVIDIA H100 80GB HBM3\n")
+    assert "Status **failed**" in text and "- test_gpu::test_b: failed assert 3 == 2" in text
+    assert "| `test_gpu::test_a[lenet5]` | passed | 1.2 | - |" in text
+    assert "| mnist_fast | 0.9921 |" in text
+    assert "| (a) lightning: the project's path | 9,300 | 31.0 | 3.1% |" in text
+    assert "a/b = 0.930" in text and "555,422,720 MACs" in text and "3.33 GFLOP" in text
+    assert "989.5 TFLOP/s (H100 SXM, NVIDIA datasheet" in text
+
+
+def test_problems_name_failed_tests_failed_parts_and_tests_skipped_on_a_gpu():
+    result = fake_result()
+    result["recipes"]["mnist_fast"].update(returncode=None, timed_out=True)
+    result["tests"]["counts"]["skipped"] = 1
+    found = problems(result)
+    assert "test_gpu::test_b: failed assert 3 == 2" in found
+    assert "mnist_fast: timed out (see logs/x.log)" in found
+    assert "tests: 1 skipped on a GPU machine" in found
+    result["simulation"] = True
+    assert "tests: 1 skipped on a GPU machine" not in problems(result)
+
+
+def run_check(*args: str) -> subprocess.CompletedProcess:
+    """scripts/gpu_check.py as a GPU machine runs it: not installed, the package found through PYTHONPATH=src."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    script = str(REPO / "scripts" / "gpu_check.py")
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, cwd=REPO)
+
+
+@NEEDS_NO_GPU
+def test_without_a_gpu_the_check_says_so_in_one_paragraph_and_exits_2(tmp_path):
+    done = run_check("--data", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    message = done.stderr.strip()
+    assert message.startswith("No CUDA GPU is visible to PyTorch here") and "\n" not in message
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_missing_datasets_stop_the_check_naming_the_folder(tmp_path):
+    done = run_check("--data", str(tmp_path), "--out", str(tmp_path / "out"), "--device", "cpu", "--tiny")
+    assert done.returncode == 2
+    message = done.stderr.strip()
+    assert str(tmp_path) in message and "MNIST" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+@NEEDS_NO_GPU
+def test_tiny_rehearsal_runs_every_part_and_writes_both_reports(tiny_data, tmp_path):
+    out = tmp_path / "check"
+    done = run_check("--data", str(tiny_data), "--out", str(out), "--device", "cpu", "--tiny", "--peak-tflops", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert result["status"] == "passed" and result["simulation"] is True
+    tests = result["tests"]["tests"]
+    assert len(tests) >= 20 and {t["outcome"] for t in tests} == {"skipped"}  # no GPU: every GPU test skips
+    assert {t["message"] for t in tests} == {"needs a CUDA GPU (run `pytest -m gpu` on a machine with one)"}
+    for recipe in ("mnist_fast", "cifar10_fast"):
+        run = result["recipes"][recipe]
+        assert run["returncode"] == 0 and 0 <= run["test_acc"] <= 1 and run["train_seconds"] > 0
+        assert (out / "runs" / recipe / "metrics.json").is_file()
+    bench = result["benchmark"]
+    measured = json.loads((out / "runs" / "benchmark" / "benchmark.json").read_text())
+    assert bench["lightning_over_plain"] == measured["lightning_over_plain"]
+    assert bench["flops_per_image"] == 6 * bench["macs_per_image"] > 0
+    lightning = bench["paths"]["lightning"]
+    assert lightning["images_per_second"] == measured["lightning_images_per_second"]
+    share = lightning["images_per_second"] * bench["flops_per_image"] / 1e12 / 2
+    assert lightning["share_of_peak"] == pytest.approx(share, abs=1e-4)
+    text = (out / "gpu_check.md").read_text()
+    assert "a CPU rehearsal" in text and "## Benchmark" in text and "| cifar10_fast |" in text
+
+
+def test_markdown_report_shows_the_end_of_a_failed_parts_output():
+    result = fake_result()
+    result["recipes"]["mnist_fast"].update(returncode=1, log_tail="Traceback ...\nRuntimeError: CUDA out of memory")
+    text = render_markdown(result)
+    assert "## Output of the parts that failed" in text
+    assert (
+        "`mnist_fast` (last lines of `logs/x.log`):\n\n```\nTraceback ...\nRuntimeError: CUDA out of memory\n```"
+        in text
+    )
