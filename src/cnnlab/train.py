@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import PassThroughProfiler
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
@@ -100,11 +100,15 @@ def build_trainer(
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Fit, then test the best checkpoint; returns the metrics written to <run dir>/metrics.json."""
     run_dir = Path(cfg.run_dir)
-    validate_config(cfg)  # bad values stop here, before data is read or anything is written
+    # --- values the data finds in its files (a folder's classes and mean/std): into cfg.data before any check uses it
+    datamodule = instantiate(cfg.data)
+    with open_dict(cfg):
+        cfg.data.update(datamodule.discover())  # {} for datasets whose config states everything (MNIST, CIFAR-10)
+    # ---
+    validate_config(cfg)  # bad values stop here, before the run writes anything
     if cfg.get("keep_freed_memory"):
         keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # missing files are reported before anything is built
     classifier = build_classifier(cfg)
     resume_step = None

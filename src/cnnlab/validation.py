@@ -54,7 +54,7 @@ def check_numbers(cfg: DictConfig) -> None:
 def training_set_size(cfg: DictConfig) -> int | None:
     """The number of training images, from the MNIST label file's 8-byte header; None where that is not cheap."""
     labels = Path(cfg.data.data_dir).expanduser() / "MNIST" / "raw" / "train-labels-idx1-ubyte"
-    if not cfg.data._target_.endswith("MNISTDataModule") or not labels.is_file():
+    if not cfg.data._target_.endswith(".MNISTDataModule") or not labels.is_file():  # not FashionMNISTDataModule
         return None
     header = labels.read_bytes()[:8] if labels.stat().st_size >= 8 else b""
     return int.from_bytes(header[4:8], "big") if len(header) == 8 else None
