@@ -92,9 +92,10 @@ def list_split(split_dir: Path, root: Path) -> tuple[list[str], list[tuple[str, 
     return classes, files, ignored
 
 
-def listing_key(files: list[tuple[str, int, int, int]], image_shape: tuple[int, int, int]) -> str:
-    """What a cache was built from: the format version, image_shape and every file's path, size and mtime."""
-    lines = [f"cnnlab-folder-cache {CACHE_VERSION} {list(image_shape)}"]
+def listing_key(classes: list[str], files: list[tuple[str, int, int, int]], image_shape: tuple[int, int, int]) -> str:
+    """What a cache was built from: the format version, image_shape, the class folders (an empty one counts) and
+    every file's path, size and mtime."""
+    lines = [f"cnnlab-folder-cache {CACHE_VERSION} {list(image_shape)}", *classes]
     lines += [f"{path}\t{size}\t{mtime}" for path, _, size, mtime in files]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
@@ -159,7 +160,7 @@ class LazyImages:
 
     def __getitem__(self, index: int | Tensor) -> Tensor:
         if isinstance(index, int) or (isinstance(index, Tensor) and index.dim() == 0):
-            return torch.from_numpy(load_image(self.paths[int(index)], self.image_shape))
+            return torch.tensor(load_image(self.paths[int(index)], self.image_shape))  # a copy: Pillow's is read-only
         return torch.stack([self[int(i)] for i in index])
 
     def to(self, device: torch.device | str) -> "LazyImages":
@@ -270,8 +271,12 @@ class FolderDataModule(ImageDataModule):
             return
         if writable != folders[0]:
             self.say_once("cache moved", f"{folders[0].parent} is read-only: caching decoded images in {writable}.")
-        with atomic_path(self.cache_file(writable, split)) as tmp:
-            torch.save(content, tmp)
+        try:
+            with atomic_path(self.cache_file(writable, split)) as tmp:
+                torch.save(content, tmp)
+        except (OSError, RuntimeError) as err:  # a full disk costs the next run a decode, not this run
+            reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+            announce(f"Could not write the decoded-image cache in {writable} ({reason}); not cached.")
 
     def index_split(self, split: str) -> dict[str, Any]:
         """A split folder's cache: loaded if fresh, else decoded (pixels kept for the tensor loader) and written."""
@@ -283,7 +288,7 @@ class FolderDataModule(ImageDataModule):
                 f"{split_dir}: ignored {ignored} files that are not PNG, JPEG, BMP or WebP images in a class folder.",
             )
         need_pixels = self.loader == "tensor"
-        key = listing_key(files, self.image_shape)
+        key = listing_key(classes, files, self.image_shape)
         cached = self.read_cache(split, key, need_pixels)
         if cached is not None:
             return cached
