@@ -22,7 +22,7 @@ from cnnlab.evaluate import evaluate
 from cnnlab.predict import predict
 from cnnlab.train import train
 from cnnlab.validation import check_model_fits_data
-from tests.conftest import FOLDER_CLASSES, REPO, compose_config, make_image_folder
+from tests.conftest import FOLDER_CLASSES, MODELS, REPO, compose_config, make_image_folder
 from tests.test_predict import predict_config
 
 
@@ -347,6 +347,8 @@ def test_the_torchvision_loader_decodes_per_item_and_gives_the_tensor_loaders_ba
     tensor.setup()
     lazy.setup()
     assert isinstance(lazy.splits["train"][0], folder_module.LazyImages)
+    assert torch.equal(lazy.splits["test"][0][torch.tensor([3, 0])], tensor.splits["test"][0][[3, 0]])
+    assert lazy.splits["test"][0][torch.tensor([], dtype=torch.int64)].shape == (0, 3, 32, 32)  # no errors to show
     assert tensor.mean == lazy.mean and tensor.std == lazy.std
     for split in ("val", "test"):
         loader_of = {"val": "val_dataloader", "test": "test_dataloader"}[split]
@@ -355,7 +357,9 @@ def test_the_torchvision_loader_decodes_per_item_and_gives_the_tensor_loaders_ba
 
 
 # --- the model follows the folder ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("model, shape", [("lenet5", [1, 28, 28]), ("resnet8", [3, 32, 32]), ("resnet8", [1, 40, 24])])
+@pytest.mark.parametrize(
+    "model, shape", [*[(m, [3, 32, 32]) for m in MODELS], ("lenet5", [1, 28, 28]), ("resnet8", [1, 40, 24])]
+)
 def test_the_models_channels_and_classes_follow_the_folder(tmp_path, model, shape):
     classes = ["circle", "square", "star", "wave"]
     make_image_folder(tmp_path / "images", shape=tuple(shape), n_train=40, n_test=0, classes=classes)
@@ -418,6 +422,21 @@ def test_predict_converts_files_as_training_did(folder_run):
     assert [row["classes"][0] for row in rows] == [FOLDER_CLASSES[i] for i in expected]
 
 
+def test_export_needs_only_the_checkpoint_of_a_folder_run(folder_run, tmp_path):
+    from cnnlab.export import export
+    from tests.test_export import export_config
+
+    root, run_dir, _ = folder_run
+    out = tmp_path / "model.pt"
+    moved = tmp_path / "images_elsewhere"
+    root.rename(moved)  # the data folder is not needed: the checkpoint holds the input shape, mean and std
+    try:
+        export(export_config(f"ckpt_path={run_dir}/checkpoints/best.ckpt", "format=torchscript", f"output={out}"))
+    finally:
+        moved.rename(root)
+    assert torch.jit.load(out)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
 # --- the command line ----------------------------------------------------------------------------------------------
 def run_train(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -455,3 +474,27 @@ def test_train_script_reports_a_bad_image_by_path_with_exit_2(tmp_path):
     result = run_train(tmp_path, *folder_overrides(Path("images")), "data.val_size=10", "hydra.run.dir=run")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert all(str(path) in result.stderr.replace("\n", "") for path in bad)
+
+
+def test_folder_benchmark_writes_cifar_as_pngs_and_reports_every_measure(tmp_path):
+    from cnnlab.folder_benchmark import benchmark_folder
+    from tests.conftest import make_cifar
+
+    make_cifar(tmp_path / "data", n_train=200, n_test=50)
+    overrides = [
+        *folder_overrides(tmp_path / "png", "lenet5"),
+        f"make_from={tmp_path / 'data' / 'cifar-10-batches-py'}",
+        f"reference_data_dir={tmp_path / 'data'}",
+        "steps=3",
+        "warmup_steps=1",
+        "repeats=1",
+        "device=cpu",
+    ]
+    result = benchmark_folder(compose_config(overrides, tmp_path, config_name="benchmark_folder"))
+    assert result["images_written"] == 250 and len(list((tmp_path / "png" / "test").rglob("*.png"))) == 50
+    assert result["images_decoded"] == 250 and result["images_decoded_per_second"] > 0
+    assert result["cache_load_seconds"] > 0 and result["cifar10_load_seconds"] > 0
+    assert result["folder_over_cifar10"] == pytest.approx(
+        result["folder_train_images_per_second"] / result["cifar10_train_images_per_second"], abs=1e-3
+    )
+    assert json.loads((tmp_path / "benchmark_folder.json").read_text())["images_decoded"] == 250

@@ -129,21 +129,36 @@ def decode_files(
     per_chunk = max(1, min(CHUNK_BYTES // int(np.prod(image_shape)), -(-len(paths) // (4 * workers))))
     chunks = [paths[i : i + per_chunk] for i in range(0, len(paths), per_chunk)] or [[]]
     work = partial(decode_chunk, str(root), image_shape=image_shape, keep_pixels=keep_pixels)
+    # Each chunk's results go straight into arrays made once, so the folder is in memory once, not twice.
+    images = np.empty((len(paths), *image_shape), dtype=np.uint8) if keep_pixels else None
+    sums = np.empty((len(paths), image_shape[0]), dtype=np.int64)
+    sums_of_squares = np.empty_like(sums)
+    failures: list[tuple[int, str]] = []
+
+    def collect(results) -> None:
+        for start, (pixels, chunk_sums, chunk_squares, chunk_failures) in zip(range(0, len(paths), per_chunk), results):
+            end = start + len(chunk_sums)
+            if images is not None:
+                images[start:end] = pixels
+            sums[start:end], sums_of_squares[start:end] = chunk_sums, chunk_squares
+            failures.extend((start + i, reason) for i, reason in chunk_failures)
+
     if workers > 1 and len(chunks) > 1:
         # fork: the workers need nothing but Pillow and numpy, and start at once (spawn would import the project).
         context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=context) as pool:
-            results = list(pool.map(work, chunks))
+            collect(pool.map(work, chunks))
     else:
-        results = [work(chunk) for chunk in chunks]
-    failures = [(start + i, reason) for start, r in zip(range(0, len(paths), per_chunk), results) for i, reason in r[3]]
+        collect(map(work, chunks))
     good = np.ones(len(paths), dtype=bool)
     good[[i for i, _ in failures]] = False
-    images = np.concatenate([r[0] for r in results])[good] if keep_pixels else None
+    if failures:  # rare: the one copy that leaves them out
+        images = images[good] if images is not None else None
+        sums, sums_of_squares = sums[good], sums_of_squares[good]
     return {
         "images": torch.from_numpy(images) if images is not None else None,
-        "sums": torch.from_numpy(np.concatenate([r[1] for r in results])[good]),
-        "sums_of_squares": torch.from_numpy(np.concatenate([r[2] for r in results])[good]),
+        "sums": torch.from_numpy(sums),
+        "sums_of_squares": torch.from_numpy(sums_of_squares),
         "good": good,
         "failures": [(paths[i], reason) for i, reason in failures],
     }
@@ -161,7 +176,8 @@ class LazyImages:
     def __getitem__(self, index: int | Tensor) -> Tensor:
         if isinstance(index, int) or (isinstance(index, Tensor) and index.dim() == 0):
             return torch.tensor(load_image(self.paths[int(index)], self.image_shape))  # a copy: Pillow's is read-only
-        return torch.stack([self[int(i)] for i in index])
+        rows = [self[int(i)] for i in index]
+        return torch.stack(rows) if rows else torch.empty((0, *self.image_shape), dtype=torch.uint8)
 
     def to(self, device: torch.device | str) -> "LazyImages":
         """Stays on the CPU: DataLoader workers decode items there (the tensor loader never gets lazy images)."""

@@ -1,4 +1,5 @@
-"""Readers and writers for the datasets' on-disk formats: MNIST's IDX files and CIFAR's pickled batches.
+"""Readers and writers for the datasets' on-disk formats: IDX files (MNIST, Fashion-MNIST), CIFAR-10 and CIFAR-100
+pickles, and (writers only, for tests and benchmarks) folders of image files.
 
 Readers check structure and sizes instead of checksums, so rebuilt but well-formed files load, and every problem
 is reported as a UserError naming the file. CIFAR batches are pickles; they are read with an unpickler that admits
@@ -161,9 +162,16 @@ def write_cifar100_meta(path: Path, fine_names: list[str], coarse_names: list[st
 
 
 def write_image_folder(
-    root: Path, split: str, images: np.ndarray, labels: np.ndarray, class_names: list[str], suffix: str = ".png"
+    root: Path,
+    split: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    suffix: str = ".png",
+    offset: int = 0,
 ) -> list[Path]:
-    """Write uint8 N x C x H x W images as <root>/<split>/<class name>/<index><suffix> (torchvision's ImageFolder)."""
+    """Write uint8 N x C x H x W images as <root>/<split>/<class name>/<offset + i><suffix> (torchvision's
+    ImageFolder layout)."""
     from PIL import Image
 
     paths = []
@@ -171,7 +179,7 @@ def write_image_folder(
         (Path(root) / split / name).mkdir(parents=True, exist_ok=True)
     for i, (image, label) in enumerate(zip(images, labels)):
         array = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)  # (C, H, W) -> (H, W[, C])
-        path = Path(root) / split / class_names[int(label)] / f"{i:05d}{suffix}"
+        path = Path(root) / split / class_names[int(label)] / f"{offset + i:05d}{suffix}"
         Image.fromarray(np.ascontiguousarray(array)).save(path)
         paths.append(path)
     return paths
