@@ -38,6 +38,7 @@ def write_cifar_folder(source: Path, root: Path) -> int:
             jobs = [
                 pool.submit(write_image_folder, root, split, images[i], labels[i], names, offset=int(i[0]))
                 for i in np.array_split(np.arange(len(labels)), 64)
+                if len(i)
             ]
             for job in jobs:
                 job.result()

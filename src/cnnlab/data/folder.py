@@ -229,6 +229,7 @@ class FolderDataModule(ImageDataModule):
         self.indexes: dict[str, dict[str, Any]] = {}  # split folder -> its cache content (files, labels, pixels, ...)
         self.sources: dict[str, tuple] = {}  # split folder -> what was read (images or listing, labels), for env.json
         self.said: set[str] = set()  # the one-time lines already printed
+        self.images_held = 0  # images of the split folders read so far (the tensor loader holds them all)
 
     def say_once(self, topic: str, message: str) -> None:
         if topic not in self.said:
@@ -303,20 +304,20 @@ class FolderDataModule(ImageDataModule):
                 f"ignored {split}",
                 f"{split_dir}: ignored {ignored} files that are not PNG, JPEG, BMP or WebP images in a class folder.",
             )
-        need_pixels = self.loader == "tensor"
-        key = listing_key(classes, files, self.image_shape)
-        cached = self.read_cache(split, key, need_pixels)
-        if cached is not None:
-            return cached
-        if need_pixels:
-            self.check_memory(len(files))
-        start = time.perf_counter()
         if split != "train" and not files:
             raise UserError(
                 f"{split_dir} holds no PNG, JPEG, BMP or WebP images in class folders. Add them as {split}/<class "
                 f"name>/<image>, or remove the {split}/ folder."
             )
-        workers = min(self.decode_workers, max(1, len(files) // 64))  # a process costs about as much as 64 images
+        need_pixels = self.loader == "tensor"
+        if need_pixels:
+            self.check_memory(len(files))
+        key = listing_key(classes, files, self.image_shape)
+        cached = self.read_cache(split, key, need_pixels)
+        if cached is not None:
+            return cached
+        start = time.perf_counter()
+        workers = min(self.decode_workers, max(1, len(files) // 64))  # at least 64 files per process started
         processes = f"{workers} process{'es' if workers > 1 else ''}"
         announce(f"Decoding {len(files):,} images in {split_dir} with {processes} (once; then cached) ...")
         decoded = decode_files(self.data_dir, [f[0] for f in files], self.image_shape, need_pixels, workers)
@@ -340,9 +341,11 @@ class FolderDataModule(ImageDataModule):
         return content
 
     def check_memory(self, count: int) -> None:
-        """Refuse, before decoding, a folder whose uint8 tensor would take more than half of this machine's RAM."""
-        needed, available = count * int(np.prod(self.image_shape)), physical_memory()
+        """Refuse, before decoding, a folder whose uint8 tensors would take more than half of this machine's RAM."""
+        self.images_held += count
+        needed, available = self.images_held * int(np.prod(self.image_shape)), physical_memory()
         if available is not None and needed > available // 2:
+            count = self.images_held
             raise UserError(
                 f"The {count:,} images in {self.data_dir} take {needed / 2**30:.1f} GiB as uint8 tensors "
                 f"({count:,} x {' x '.join(map(str, self.image_shape))} bytes), more than half of this machine's "
