@@ -67,8 +67,7 @@ def make_cifar(root: Path, n_train: int = 500, n_test: int = 200, seed: int = 0)
 def make_cifar100(root: Path, n_train: int = 300, n_test: int = 100, seed: int = 0) -> Path:
     """Write CIFAR-100 python files under root/cifar-100-python/: train, test, meta (100 fine, 20 coarse names).
 
-    Fine label f belongs to superclass f % 20; the images carry the pattern of f % 10, so both label kinds are learnable
-    only in part, which is all the format tests need.
+    Fine label f belongs to superclass f % 20. The images do not depict their labels: these files test the format.
     """
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True, exist_ok=True)
