@@ -9,12 +9,24 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from cnnlab.cli import config_dir
-from cnnlab.data.formats import read_cifar_batch, read_idx, write_cifar_batch, write_cifar_meta, write_idx
+from cnnlab.data.formats import (
+    read_cifar_batch,
+    read_idx,
+    write_cifar100_batch,
+    write_cifar100_meta,
+    write_cifar_batch,
+    write_cifar_meta,
+    write_idx,
+    write_image_folder,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MODELS = ["lenet5", "resnet8", "resnet20", "resnet18", "resnet9"]
 DATASETS = ["mnist", "cifar10"]
+CIFAR100_FINE = [f"fine{i:02d}" for i in range(100)]
+CIFAR100_COARSE = [f"coarse{i:02d}" for i in range(20)]
+FOLDER_CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "jay", "koi"]
 
 
 def class_patterns(n: int, shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -30,9 +42,9 @@ def class_patterns(n: int, shape: tuple[int, int, int], seed: int) -> tuple[np.n
     return images, labels.astype(np.uint8)
 
 
-def make_mnist(root: Path, n_train: int = 600, n_test: int = 200, seed: int = 0) -> Path:
-    """Write MNIST-format IDX files under root/MNIST/raw/."""
-    raw = root / "MNIST" / "raw"
+def make_mnist(root: Path, n_train: int = 600, n_test: int = 200, seed: int = 0, folder: str = "MNIST") -> Path:
+    """Write MNIST-format IDX files under root/<folder>/raw/ (folder="FashionMNIST" for Fashion-MNIST's place)."""
+    raw = root / folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for prefix, n, s in (("train", n_train, seed), ("t10k", n_test, seed + 1)):
         images, labels = class_patterns(n, (1, 28, 28), s)
@@ -51,6 +63,39 @@ def make_cifar(root: Path, n_train: int = 500, n_test: int = 200, seed: int = 0)
     images, labels = class_patterns(n_test, (3, 32, 32), seed + 1)
     write_cifar_batch(folder / "test_batch", images, labels)
     write_cifar_meta(folder / "batches.meta", CIFAR_CLASSES)
+    return root
+
+
+def make_cifar100(root: Path, n_train: int = 300, n_test: int = 100, seed: int = 0) -> Path:
+    """Write CIFAR-100 python files under root/cifar-100-python/: train, test, meta (100 fine, 20 coarse names).
+
+    Fine label f belongs to superclass f % 20. The images do not depict their labels: these files test the format.
+    """
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):
+        images, _ = class_patterns(n, (3, 32, 32), s)
+        fine = np.random.default_rng(s).integers(0, 100, n)
+        write_cifar100_batch(folder / name, images, fine, fine % 20)
+    write_cifar100_meta(folder / "meta", CIFAR100_FINE, CIFAR100_COARSE)
+    return root
+
+
+def make_image_folder(
+    root: Path,
+    shape: tuple[int, int, int] = (3, 32, 32),
+    n_train: int = 200,
+    n_val: int = 0,
+    n_test: int = 60,
+    suffix: str = ".png",
+    classes: list[str] = FOLDER_CLASSES,
+    seed: int = 0,
+) -> Path:
+    """Write class_patterns images as root/{train,val,test}/<class>/<index><suffix>; n=0 leaves a split out."""
+    for split, n, s in (("train", n_train, seed), ("val", n_val, seed + 1), ("test", n_test, seed + 2)):
+        if n:
+            images, labels = class_patterns(n, shape, s)
+            write_image_folder(root, split, images, labels % len(classes), classes, suffix)
     return root
 
 

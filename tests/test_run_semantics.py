@@ -29,10 +29,11 @@ from tests.test_predict import predict_config
 
 TRAIN = [sys.executable, str(REPO / "scripts" / "train.py")]
 SMALL = ["data.val_size=100", "data.download=false", "trainer=cpu"]  # what a few hundred images force
+SOURCES = os.pathsep.join([str(REPO / "src"), str(REPO)])  # this checkout's cnnlab, and tests.ddp_helpers
 
 
 def run_train(args: list[str], cwd: Path, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": SOURCES}
     return subprocess.run([*TRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
 
 
@@ -331,7 +332,7 @@ def alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads processes from /proc")
 def test_sigterm_to_the_launching_process_stops_every_ddp_rank_with_one_checkpoint(tmp_path):
     data = make_mnist(tmp_path / "data", n_train=3300, n_test=100)  # 50 steps of 2 x 32 images per epoch
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": SOURCES}
     args = [*DDP, f"data.data_dir={data}", "trainer.max_epochs=20", "hydra.run.dir=run"]
     proc = subprocess.Popen([*TRAIN, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
@@ -376,7 +377,7 @@ def test_data_is_prepared_once_per_machine_not_once_per_process(tiny_data, tmp_p
             "trainer.limit_train_batches=2", "data._target_=tests.ddp_helpers.CountingMNIST",
             f"+data.source={tiny_data}", f"+data.log={log}", "hydra.run.dir=run", "test=false"]  # fmt: skip
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN[1]]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": SOURCES}
     result = subprocess.run([*torchrun, *args], cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert log.read_text().split() == ["0"]

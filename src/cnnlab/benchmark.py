@@ -235,6 +235,8 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
     """Run the throughput comparison, or the time-to-accuracy measurement when target_acc is set; write JSON."""
     if cfg.keep_freed_memory:  # as train.py does; every path runs in this process, so all of them get it
         keep_freed_memory()
+    with open_dict(cfg):  # as train.py does: a folder's class names and mean/std into cfg.data before building
+        cfg.data.update(instantiate(cfg.data).discover())
     result = time_to_accuracy(cfg) if cfg.target_acc is not None else throughput(cfg)
     result["config"] = {key: plain(cfg[key]) for key in ("model", "data", "optimizer", "scheduler", "trainer")}
     result["config"].update(channels_last=cfg.channels_last, label_smoothing=cfg.label_smoothing)

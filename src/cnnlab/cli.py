@@ -101,6 +101,14 @@ def benchmark_main(cfg: DictConfig) -> None:
     run_reporting_user_errors(benchmark, cfg)
 
 
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="benchmark_folder")
+def benchmark_folder_main(cfg: DictConfig) -> None:
+    """`python scripts/benchmark_folder.py`: decode rate, cache loading and training speed of data=folder."""
+    from cnnlab.folder_benchmark import benchmark_folder
+
+    run_reporting_user_errors(benchmark_folder, cfg)
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="inspect_model")
 def inspect_main(cfg: DictConfig) -> None:
     """`python scripts/inspect_model.py model=... data=...`: the layer table of a model on a dataset's images."""

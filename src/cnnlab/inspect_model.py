@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
@@ -169,6 +169,8 @@ def render(rows: list[LayerRow], title: str, console: Console) -> None:
 
 def inspect_model(cfg: DictConfig) -> dict[str, Any]:
     """Print the layer table of cfg.model on cfg.data's image shape; returns the rows and totals."""
+    with open_dict(cfg):  # as train.py does: a folder's (or CIFAR-100's) class count into cfg.data before building
+        cfg.data.update(instantiate(cfg.data).discover())
     model = instantiate(cfg.model)
     image_shape = tuple(cfg.data.image_shape)
     rows = layer_table(model, image_shape)

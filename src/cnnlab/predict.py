@@ -13,17 +13,16 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, ImageOps, UnidentifiedImageError
 from rich.console import Console
 from rich.table import Table
 
 from cnnlab.atomic_files import write_text_atomic
 from cnnlab.checkpoints import classifier_from_checkpoint, data_config, load_checkpoint
+from cnnlab.data.images import load_image
 from cnnlab.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 GLOB_CHARS = set("*?[")
-SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I"}
 
 
 def resolve_inputs(spec: str | list[str]) -> list[Path]:
@@ -45,27 +44,6 @@ def resolve_inputs(spec: str | list[str]) -> list[Path]:
             else:
                 found.append(match)
     return list(dict.fromkeys(found))
-
-
-def load_image(path: Path, image_shape: tuple[int, int, int]) -> np.ndarray:
-    """An image file as a uint8 C x H x W array in the model's channels and size."""
-    channels, height, width = image_shape
-    try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)  # phone photos store their rotation in EXIF
-            image.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise UserError(
-            f"Image {path} cannot be decoded ({type(err).__name__}: {err}). Give PNG or JPEG files, and replace this "
-            "one if it is truncated."
-        ) from None
-    if image.mode in SIXTEEN_BIT_MODES:  # 16-bit grayscale: scale to 8 bits rather than clip
-        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
-    image = image.convert("L" if channels == 1 else "RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.BILINEAR)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)  # (H, W[, C]) -> (C, H, W)
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:

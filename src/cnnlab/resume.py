@@ -69,18 +69,23 @@ def resume_command(run_dir: Path) -> str:
     return f"python scripts/train.py resume={run_dir}"
 
 
-def check_checkpoint_fits(ckpt_path: str | Path, model: dict[str, Any]) -> None:
-    """Refuse a checkpoint to resume from that does not load safely or was trained with another model config."""
+def load_resume_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """The checkpoint a run resumes from, refused when it does not load safely or holds no training state."""
     try:
         ckpt = load_checkpoint(ckpt_path)  # weights_only=True; missing, torn, foreign and hostile files refused
     except UserError as err:
         raise UserError(f"ckpt_path={ckpt_path}: {err}") from None
-    saved = ckpt["hyper_parameters"]["model"]
     if "optimizer_states" not in ckpt:
         raise UserError(
             f"ckpt_path={ckpt_path} holds no optimizer state to resume from (a weights-only file). Use "
             "<run dir>/checkpoints/last.ckpt of a run."
         )
+    return ckpt
+
+
+def check_checkpoint_fits(ckpt: dict[str, Any], ckpt_path: str | Path, model: dict[str, Any]) -> None:
+    """Refuse a checkpoint to resume from that was trained with another model config."""
+    saved = ckpt["hyper_parameters"]["model"]
     if saved.get("_target_") != model.get("_target_"):
         differing = ["_target_"]
     else:

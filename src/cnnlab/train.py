@@ -8,21 +8,21 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import PassThroughProfiler
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
 from cnnlab.checkpoint_io import DiskFull
 from cnnlab.classifier import ImageClassifier
+from cnnlab.resume import load_resume_checkpoint
 from cnnlab.run_record import early_stopping_record, environment, write_json
 from cnnlab.stopping import NonFiniteLoss, RunInterrupted
 from cnnlab.tracking import finish_tracking
-from cnnlab.validation import validate_config
+from cnnlab.validation import validate_config, validate_model
 
 
 def plain(node: Any) -> Any:
@@ -118,16 +118,24 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     """Fit, then test the best checkpoint; returns the metrics written to <run dir>/metrics.json."""
     run_dir = Path(cfg.run_dir)
     validate_config(cfg)  # bad values stop here, before data is read or anything is written
-    if cfg.get("keep_freed_memory"):
-        keep_freed_memory()
+    resumed = load_resume_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    resume_step = resumed["global_step"] if resumed else None
+    if resumed:  # a folder's classes and mean/std are the ones the run was trained with, whatever it holds now
+        stored = resumed["hyper_parameters"]["data"]
+        with open_dict(cfg):
+            cfg.data.update({k: v for k, v in stored.items() if k in cfg.data and cfg.data[k] is None})
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
-    resume_step = None
-    if cfg.ckpt_path:
-        resume_step = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
     trainer = build_trainer(cfg, extra_callbacks, resume_step)
     if trainer.local_rank == 0:  # once per machine: Lightning holds the other processes back until it is done
         datamodule.prepare_data()  # missing files are reported before the model is built or anything is written
+    # What the data finds in its files (a folder's classes, mean and std) goes into cfg.data before the model is
+    # built and checked against it, so that the checkpoint stores it; {} for MNIST, CIFAR-10 and a resumed run.
+    with open_dict(cfg):
+        cfg.data.update(datamodule.discover())
+    validate_model(cfg, resumed)
+    if cfg.get("keep_freed_memory"):
+        keep_freed_memory()
     classifier = build_classifier(cfg)
     console = Console(stderr=False)
     if trainer.is_global_zero:

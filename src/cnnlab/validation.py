@@ -55,7 +55,7 @@ def check_numbers(cfg: DictConfig) -> None:
 def training_set_size(cfg: DictConfig) -> int | None:
     """The number of training images, from the MNIST label file's 8-byte header; None where that is not cheap."""
     labels = Path(cfg.data.data_dir).expanduser() / "MNIST" / "raw" / "train-labels-idx1-ubyte"
-    if not cfg.data._target_.endswith("MNISTDataModule") or not labels.is_file():
+    if not cfg.data._target_.endswith(".MNISTDataModule") or not labels.is_file():  # not FashionMNISTDataModule
         return None
     header = labels.read_bytes()[:8] if labels.stat().st_size >= 8 else b""
     return int.from_bytes(header[4:8], "big") if len(header) == 8 else None
@@ -161,12 +161,17 @@ def check_accelerator(cfg: DictConfig) -> None:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Every check, cheapest first; raises the first UserError found."""
+    """The checks that need no data read, cheapest first; raises the first UserError found."""
     check_logger_packages(cfg)
     check_numbers(cfg)
     check_accelerator(cfg)
     check_paths(cfg)
     check_split(cfg)
+
+
+def validate_model(cfg: DictConfig, resumed: dict[str, Any] | None = None) -> None:
+    """The checks of the model against the data (whose facts a folder dataset has found by now) and the checkpoint
+    being resumed (already loaded safely); raises the first UserError found."""
     check_model_fits_data(cfg)
-    if cfg.get("ckpt_path"):
-        check_checkpoint_fits(cfg.ckpt_path, _plain(cfg.model))
+    if resumed is not None:
+        check_checkpoint_fits(resumed, cfg.ckpt_path, _plain(cfg.model))

@@ -7,6 +7,7 @@ transforms behind a DataLoader; the general path and the reference the tensor pa
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -60,10 +61,10 @@ class ImageDataModule(L.LightningDataModule):
         flip: bool = False,
         drop_last: bool = False,
         download: bool = True,
-        num_classes: int = 10,
+        num_classes: int | None = 10,
         image_shape: tuple[int, int, int] = (1, 28, 28),
-        mean: tuple[float, ...] = (0.5,),
-        std: tuple[float, ...] = (0.5,),
+        mean: tuple[float, ...] | None = (0.5,),
+        std: tuple[float, ...] | None = (0.5,),
         class_names: list[str] | None = None,
     ) -> None:
         super().__init__()
@@ -76,8 +77,12 @@ class ImageDataModule(L.LightningDataModule):
         self.augment, self.crop_padding, self.flip = augment, crop_padding, flip
         self.drop_last = drop_last
         self.num_classes, self.image_shape = num_classes, tuple(image_shape)
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        # None: found in the files by discover() (a folder's classes and pixel statistics, CIFAR-100's class names).
+        self.mean = tuple(mean) if mean is not None else None
+        self.std = tuple(std) if std is not None else None
+        self.class_names = list(class_names) if class_names else None
+        if self.class_names is None and num_classes is not None:
+            self.class_names = [str(i) for i in range(num_classes)]
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
         self.files_read: list[Path] = []
 
@@ -92,6 +97,15 @@ class ImageDataModule(L.LightningDataModule):
     def fetch(self) -> None:
         """Download the dataset's files into data_dir."""
         raise NotImplementedError
+
+    def discover(self) -> dict[str, Any]:
+        """The data-config values this dataset finds in its files, and only those the config left null.
+
+        train() calls it once, before it checks the config or builds the model, and writes the result into cfg.data,
+        so the checkpoint stores the values and evaluation, prediction and export use them as they are. A dataset
+        whose config states everything (MNIST, CIFAR-10) returns {}.
+        """
+        return {}
 
     # --- Lightning hooks ------------------------------------------------------------------------------------------
     def missing_files(self) -> list[Path]:
@@ -126,6 +140,11 @@ class ImageDataModule(L.LightningDataModule):
             if self.loader == "tensor":
                 device = self.trainer.strategy.root_device
         self.rank, self.world_size = rank, world_size
+        self.discover()  # a DataModule built without train() (tests, notebooks) finds its values here
+        self.splits = {split: (x.to(device), y.to(device)) for split, (x, y) in self.load_splits().items()}
+
+    def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """train, val and test on the CPU: the training files split by val_size and split_seed, and the test files."""
         train_x, train_y = self._checked(*self.read_split("train"), "train")
         test_x, test_y = self._checked(*self.read_split("test"), "test")
         if not 0 <= self.val_size < len(train_y):
@@ -135,10 +154,10 @@ class ImageDataModule(L.LightningDataModule):
             )
         order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.split_seed))
         val_idx, train_idx = order[: self.val_size], order[self.val_size :]
-        self.splits = {
-            "train": (train_x[train_idx].to(device), train_y[train_idx].to(device)),
-            "val": (train_x[val_idx].to(device), train_y[val_idx].to(device)),
-            "test": (test_x.to(device), test_y.to(device)),
+        return {
+            "train": (train_x[train_idx], train_y[train_idx]),
+            "val": (train_x[val_idx], train_y[val_idx]),
+            "test": (test_x, test_y),
         }
 
     def _checked(self, images: np.ndarray, labels: np.ndarray, split: str) -> tuple[Tensor, Tensor]:

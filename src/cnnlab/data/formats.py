@@ -1,4 +1,5 @@
-"""Readers and writers for the datasets' on-disk formats: MNIST's IDX files and CIFAR's pickled batches.
+"""Readers and writers for the datasets' on-disk formats: IDX files (MNIST, Fashion-MNIST), CIFAR-10 and CIFAR-100
+pickles, and (writers only, for tests and benchmarks) folders of image files.
 
 Readers check structure and sizes instead of checksums, so rebuilt but well-formed files load, and every problem
 is reported as a UserError naming the file. CIFAR batches are pickles; they are read with an unpickler that admits
@@ -98,12 +99,18 @@ def read_cifar_pickle(path: Path) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-def read_cifar_batch(path: Path, image_shape: tuple[int, int, int] = (3, 32, 32)) -> tuple[np.ndarray, np.ndarray]:
-    """Read one CIFAR batch file into (uint8 images N x C x H x W, int64 labels N)."""
+def read_cifar_batch(
+    path: Path, image_shape: tuple[int, int, int] = (3, 32, 32), label_key: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read one CIFAR batch file into (uint8 images N x C x H x W, int64 labels N).
+
+    label_key: the labels to read, e.g. CIFAR-100's "fine_labels" or "coarse_labels"; None: "labels" (CIFAR-10),
+    else "fine_labels".
+    """
     batch = read_cifar_pickle(path)
-    label_key = "labels" if "labels" in batch else "fine_labels"
+    label_key = label_key or ("labels" if "labels" in batch else "fine_labels")
     if "data" not in batch or label_key not in batch:
-        raise UserError(f"Data file {path} lacks the 'data' or 'labels' entry of a CIFAR batch; replace it.")
+        raise UserError(f"Data file {path} lacks the 'data' or '{label_key}' entry of a CIFAR batch; replace it.")
     data, labels = np.asarray(batch["data"]), np.asarray(batch[label_key], dtype=np.int64)
     pixels = int(np.prod(image_shape))
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != pixels:
@@ -131,3 +138,48 @@ def write_cifar_meta(path: Path, label_names: list[str]) -> None:
     """Write a CIFAR batches.meta file."""
     meta = {b"label_names": [n.encode() for n in label_names], b"num_vis": 3072, b"num_cases_per_batch": 10000}
     Path(path).write_bytes(pickle.dumps(meta, protocol=2))
+
+
+def write_cifar100_batch(path: Path, images: np.ndarray, fine: np.ndarray, coarse: np.ndarray) -> None:
+    """Write (N x 3 x 32 x 32 uint8, N fine labels, N coarse labels) as a CIFAR-100 python file (train or test)."""
+    batch = {
+        b"batch_label": b"cnnlab batch",
+        b"fine_labels": [int(v) for v in fine],
+        b"coarse_labels": [int(v) for v in coarse],
+        b"data": np.ascontiguousarray(images, dtype=np.uint8).reshape(len(images), -1),
+        b"filenames": [f"{i}.png".encode() for i in range(len(images))],
+    }
+    Path(path).write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def write_cifar100_meta(path: Path, fine_names: list[str], coarse_names: list[str]) -> None:
+    """Write a CIFAR-100 meta file: the fine and the coarse label names."""
+    meta = {
+        b"fine_label_names": [n.encode() for n in fine_names],
+        b"coarse_label_names": [n.encode() for n in coarse_names],
+    }
+    Path(path).write_bytes(pickle.dumps(meta, protocol=2))
+
+
+def write_image_folder(
+    root: Path,
+    split: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    suffix: str = ".png",
+    offset: int = 0,
+) -> list[Path]:
+    """Write uint8 N x C x H x W images as <root>/<split>/<class name>/<offset + i><suffix> (torchvision's
+    ImageFolder layout)."""
+    from PIL import Image
+
+    paths = []
+    for name in {class_names[int(label)] for label in labels}:
+        (Path(root) / split / name).mkdir(parents=True, exist_ok=True)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        array = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)  # (C, H, W) -> (H, W[, C])
+        path = Path(root) / split / class_names[int(label)] / f"{offset + i:05d}{suffix}"
+        Image.fromarray(np.ascontiguousarray(array)).save(path)
+        paths.append(path)
+    return paths

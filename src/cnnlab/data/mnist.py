@@ -1,4 +1,5 @@
-"""MNIST (LeCun et al.): 60,000 training and 10,000 test digits, 1x28x28, in IDX files under MNIST/raw/."""
+"""MNIST (LeCun et al.) and Fashion-MNIST (Xiao et al., 2017): 60,000 training and 10,000 test images, 1x28x28,
+in IDX files under MNIST/raw/ and FashionMNIST/raw/."""
 
 from pathlib import Path
 
@@ -18,10 +19,11 @@ class MNISTDataModule(ImageDataModule):
     """MNIST from `<data_dir>/MNIST/raw/` (plain or .gz IDX files), as torchvision lays it out."""
 
     name = "MNIST"
+    folder = "MNIST"  # torchvision's folder under data_dir
 
     @property
     def raw_dir(self) -> Path:
-        return self.data_dir / "MNIST" / "raw"
+        return self.data_dir / self.folder / "raw"
 
     def _path(self, name: str) -> Path:
         plain = self.raw_dir / name
@@ -37,12 +39,12 @@ class MNISTDataModule(ImageDataModule):
         if images.ndim != 3 or labels.ndim != 1:
             raise UserError(
                 f"{image_path} should hold N x 28 x 28 images and {label_path} N labels, but they have shapes "
-                f"{images.shape} and {labels.shape}. Replace them with the original MNIST files."
+                f"{images.shape} and {labels.shape}. Replace them with the original {self.name} files."
             )
         if len(images) != len(labels):
             raise UserError(
                 f"{image_path} holds {len(images)} images but {label_path} holds {len(labels)} labels; "
-                "the files do not belong together. Replace them with the original MNIST files."
+                f"the files do not belong together. Replace them with the original {self.name} files."
             )
         self.files_read += [image_path, label_path]
         return images[:, None], labels.astype(np.int64)  # (N, 28, 28) -> (N, 1, 28, 28)
@@ -51,3 +53,15 @@ class MNISTDataModule(ImageDataModule):
         from torchvision.datasets import MNIST
 
         MNIST(str(self.data_dir), train=True, download=True)
+
+
+class FashionMNISTDataModule(MNISTDataModule):
+    """Fashion-MNIST (Zalando's article images) from `<data_dir>/FashionMNIST/raw/`: MNIST's file names and format."""
+
+    name = "Fashion-MNIST"
+    folder = "FashionMNIST"
+
+    def fetch(self) -> None:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(str(self.data_dir), train=True, download=True)
