@@ -30,6 +30,7 @@ from cnnlab.checkpoints import classifier_from_checkpoint, data_config, load_che
 from cnnlab.data.datamodule import ImageDataModule
 from cnnlab.data.tensor_loader import BatchTransform
 from cnnlab.errors import UserError
+from cnnlab.export import SUFFIXES
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 GLOB_CHARS = set("*?[")
@@ -104,7 +105,12 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     device = str(cfg.device)
     if device not in DEVICES:
         raise UserError(f"device={device!r} is not known; choose one of {', '.join(DEVICES)}.")
-    is_onnx = Path(str(cfg.ckpt_path)).suffix.lower() == ".onnx"
+    if str(cfg.ckpt_path).endswith(SUFFIXES["torchscript"]):
+        raise UserError(
+            f"ckpt_path={cfg.ckpt_path} is a TorchScript export, which predict does not run (it is for torch.jit.load "
+            "in other programs). Give the checkpoint it came from, or an ONNX export (scripts/export.py format=onnx)."
+        )
+    is_onnx = Path(str(cfg.ckpt_path)).suffix.lower() == SUFFIXES["onnx"]
     predictor = onnx_predictor(cfg.ckpt_path, device) if is_onnx else checkpoint_predictor(cfg.ckpt_path, device)
     inputs = OmegaConf.to_container(cfg.inputs) if OmegaConf.is_config(cfg.inputs) else cfg.inputs
     files = resolve_inputs(inputs)
