@@ -1,6 +1,7 @@
 """predict(cfg) and scripts/predict.py: image files in, the classes the evaluation path would give out."""
 
 import csv
+from io import StringIO
 
 import numpy as np
 import onnx
@@ -9,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
+from rich.console import Console
 
 from cnnlab import predict as predict_module
 from cnnlab.checkpoints import classifier_from_checkpoint, data_config, load_checkpoint
@@ -16,7 +18,7 @@ from cnnlab.cli import config_dir
 from cnnlab.errors import UserError
 from cnnlab.evaluate import logits_and_labels
 from cnnlab.export import export
-from cnnlab.predict import load_image, predict, with_progress
+from cnnlab.predict import load_image, predict, progress_bar
 from tests.checkpoint_helpers import run_script, save_untrained_checkpoint, train_briefly
 from tests.conftest import CIFAR_CLASSES, compose_config
 
@@ -252,15 +254,25 @@ def test_a_terminal_shows_a_progress_bar_for_many_batches(trained, tmp_path, mon
 
 
 def test_progress_is_left_out_when_the_console_is_not_a_terminal():
-    from io import StringIO
-
-    from rich.console import Console
-
     quiet = Console(file=StringIO())
-    items = list(range(10))
-    assert list(with_progress(items, quiet, "Working")) == items and quiet.file.getvalue() == ""
+    with progress_bar(quiet, 10, "Working") as step:
+        for _ in range(10):
+            step()
+    assert quiet.file.getvalue() == ""
     terminal = Console(file=StringIO(), force_terminal=True, force_interactive=True)
-    assert list(with_progress(items, terminal, "Working")) == items and "Working" in terminal.file.getvalue()
+    with progress_bar(terminal, 10, "Working") as step:
+        for _ in range(10):
+            step()
+    assert "Working" in terminal.file.getvalue()
+
+
+def test_an_error_inside_the_progress_bar_stops_it_and_shows_the_cursor_again():
+    terminal = Console(file=StringIO(), force_terminal=True, force_interactive=True)
+    with pytest.raises(UserError), progress_bar(terminal, 10, "Working") as step:
+        step()
+        raise UserError("an undecodable file")
+    shown = terminal.file.getvalue()
+    assert shown.rfind("\x1b[?25h") > shown.rfind("\x1b[?25l") >= 0  # the cursor hidden for the bar is shown again
 
 
 def test_device_auto_uses_the_gpu_when_there_is_one(trained, tmp_path):

@@ -8,20 +8,21 @@ its metadata. Files are decoded and classified batch by batch, so memory does no
 and the CSV are written only once every file has decoded, so a bad file leaves nothing half written.
 """
 
+import contextlib
 import csv
 import glob
 import io
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageOps, UnidentifiedImageError
 from rich.console import Console
-from rich.progress import track
+from rich.progress import Progress
 from rich.table import Table
 from torch import Tensor
 
@@ -37,7 +38,6 @@ GLOB_CHARS = set("*?[")
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I"}
 DEVICES = ("auto", "cpu", "cuda")
 PROGRESS_MIN_BATCHES = 5  # fewer batches finish before a bar would say anything
-Item = TypeVar("Item")
 
 
 def resolve_inputs(spec: str | list[str]) -> list[Path]:
@@ -121,8 +121,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
     batches = [files[start : start + cfg.batch_size] for start in range(0, len(files), cfg.batch_size)]
     rows = []
-    with torch.inference_mode():
-        for batch_files in with_progress(batches, Console(stderr=True), f"Classifying {len(files)} images"):
+    advance = progress_bar(Console(stderr=True), len(batches), f"Classifying {len(files)} images")
+    with torch.inference_mode(), advance as batch_done:
+        for batch_files in batches:
             # A file that does not decode stops here with its UserError, before anything is written.
             images = torch.from_numpy(np.stack([load_image(path, predictor.image_shape) for path in batch_files]))
             logits = predictor.logits(predictor.normalize(images.to(predictor.device)))
@@ -135,6 +136,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
                         "probabilities": [round(p, 6) for p in probs],
                     }
                 )
+            batch_done()
     if cfg.output:
         write_text_atomic(Path(cfg.output), predictions_csv(rows, top_k))
     print_predictions(Console(), rows, top_k, f"{cfg.ckpt_path} ({predictor.runs_on})")
@@ -245,12 +247,20 @@ def onnx_providers(device: str, onnxruntime: Any) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def with_progress(items: Sequence[Item], console: Console, description: str) -> Iterable[Item]:
-    """items, with a Rich progress bar on console while they are worked through, when it is an interactive terminal
-    and there are enough of them; otherwise items alone, so piped and redirected output stays clean."""
-    if len(items) < PROGRESS_MIN_BATCHES or not console.is_interactive:
-        return items
-    return track(items, description=description, console=console, transient=True)
+@contextlib.contextmanager
+def progress_bar(console: Console, total: int, description: str) -> Iterator[Callable[[], None]]:
+    """A function to call once per finished batch, which advances a Rich progress bar on console when it is an
+    interactive terminal and there are enough batches; otherwise it does nothing, so piped output stays clean.
+
+    A context manager rather than a wrapped iterator, so that an error inside the loop (an undecodable file) stops
+    the bar and shows the cursor again before the error is reported.
+    """
+    if total < PROGRESS_MIN_BATCHES or not console.is_interactive:
+        yield lambda: None
+        return
+    with Progress(*Progress.get_default_columns(), console=console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda: progress.advance(task)
 
 
 def predictions_csv(rows: list[dict[str, Any]], top_k: int) -> str:
