@@ -1,15 +1,19 @@
 """export(cfg) and scripts/export.py: ONNX and TorchScript files that compute what the PyTorch model computes."""
 
+import json
+
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from cnnlab.checkpoints import classifier_from_checkpoint, load_checkpoint
+from cnnlab.checkpoints import classifier_from_checkpoint, data_config, file_sha256, load_checkpoint
 from cnnlab.cli import config_dir
 from cnnlab.errors import UserError
 from cnnlab.export import export
+from cnnlab.export_metadata import read_torchscript_description
 from tests.checkpoint_helpers import run_script, save_untrained_checkpoint
 
 
@@ -76,3 +80,32 @@ def test_export_script_reports_a_corrupt_checkpoint_with_exit_2(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert str(bad) in result.stderr and "truncated or corrupt" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt"]
+
+
+def with_tta_flip(ckpt_path):
+    """The checkpoint rewritten as a run trained with tta_flip=true would store it."""
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["hyper_parameters"]["tta_flip"] = True
+    torch.save(ckpt, ckpt_path)
+    return ckpt_path
+
+
+@pytest.mark.parametrize("model, data, tta", [("lenet5", "mnist", False), ("resnet8", "cifar10", True)])
+def test_onnx_and_torchscript_exports_describe_themselves_as_the_checkpoint_does(tiny_data, tmp_path, model, data, tta):
+    ckpt = save_untrained_checkpoint(tmp_path / "best.ckpt", tiny_data, model, data)
+    if tta:
+        with_tta_flip(ckpt)
+    onnx_file = export(export_config(f"ckpt_path={ckpt}", "format=onnx"))["output"]
+    script_file = export(export_config(f"ckpt_path={ckpt}", "format=torchscript"))["output"]
+
+    from_onnx = {prop.key: json.loads(prop.value) for prop in onnx.load(onnx_file).metadata_props}
+    from_script = read_torchscript_description(script_file)
+    assert from_onnx == from_script
+    stored = data_config(load_checkpoint(ckpt))
+    for key in ("image_shape", "mean", "std", "class_names"):
+        assert from_onnx[key] == list(stored[key]), key
+    assert from_onnx["tta_flip"] is tta
+    assert from_onnx["checkpoint_sha256"] == file_sha256(ckpt)
+    # What onnxruntime users read (README): the same values.
+    meta = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"]).get_modelmeta()
+    assert json.loads(meta.custom_metadata_map["class_names"]) == list(stored["class_names"])

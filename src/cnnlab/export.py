@@ -4,10 +4,13 @@ The exported network is the classifier's evaluation path as a plain module (no L
 trained with `tta_flip` the mirror-image averaging too, so an export computes what eval scored. Input `images`, a
 float32 batch normalized as the data config says (N x C x H x W, any N), output `logits`. ONNX uses the
 TorchScript-based exporter (`torch.onnx.export(dynamo=False)`): the newer torch.export-based one needs the separate
-`onnxscript` package and gives nothing this network needs. The file is written beside its final name and renamed
-into place only once its outputs match PyTorch's within the tolerance.
+`onnxscript` package and gives nothing this network needs. Both formats carry the description that
+cnnlab.export_metadata builds (input shape, mean, std, class names, TTA), so an export is usable without its
+checkpoint. The file is written beside its final name and renamed into place only once its outputs match PyTorch's
+within the tolerance.
 """
 
+import io
 import os
 import tempfile
 import warnings
@@ -24,6 +27,7 @@ from cnnlab.atomic_files import move_into_place
 from cnnlab.checkpoints import classifier_from_checkpoint, data_config, load_checkpoint
 from cnnlab.classifier import InferenceNet
 from cnnlab.errors import UserError
+from cnnlab.export_metadata import describe, onnx_metadata, torchscript_extra_files
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 
@@ -36,19 +40,25 @@ def sample_batch(ckpt: dict[str, Any], size: int, seed: int = 0) -> Tensor:
     return datamodule.batch_transform(augment=False)(images)
 
 
-def export_onnx(model: nn.Module, example: Tensor, path: Path, opset: int) -> None:
+def export_onnx(model: nn.Module, example: Tensor, path: Path, opset: int, metadata: dict[str, str]) -> None:
+    import onnx
+
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based exporter is marked legacy
         torch.onnx.export(
             model,
             (example,),
-            str(path),
+            buffer,
             dynamo=False,
             input_names=["images"],
             output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
             opset_version=opset,
         )
+    proto = onnx.load_from_string(buffer.getvalue())
+    onnx.helper.set_model_props(proto, metadata)  # the exporter has no argument for metadata_props
+    onnx.save(proto, str(path))
 
 
 def run_onnx(path: Path, batch: Tensor) -> np.ndarray:
@@ -58,12 +68,12 @@ def run_onnx(path: Path, batch: Tensor) -> np.ndarray:
     return session.run(["logits"], {"images": batch.numpy()})[0]
 
 
-def export_torchscript(model: nn.Module, example: Tensor, path: Path) -> None:
+def export_torchscript(model: nn.Module, example: Tensor, path: Path, extra_files: dict[str, str]) -> None:
     with warnings.catch_warnings():
         # torch.jit is marked deprecated in favour of torch.export, but its files are what C++ and mobile load.
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(torch.jit.trace(model, example), str(path))
+        torch.jit.save(torch.jit.trace(model, example), str(path), _extra_files=extra_files)
 
 
 def run_torchscript(path: Path, batch: Tensor) -> np.ndarray:
@@ -93,7 +103,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     source = Path(cfg.ckpt_path)
     output = Path(cfg.output) if cfg.output else source.with_name(source.stem + SUFFIXES[cfg.format])
     classifier = classifier_from_checkpoint(ckpt, str(source))
-    tta = bool(classifier.hparams.get("tta_flip"))
+    description = describe(ckpt, source)
+    tta = description["tta_flip"]
     model = InferenceNet(classifier.model.float().to(memory_format=torch.contiguous_format), tta).eval()
     # Traced at one batch size and checked at another, so a batch dimension baked in as a constant shows up.
     example, check = sample_batch(ckpt, 2, seed=0), sample_batch(ckpt, cfg.batch_size, seed=1)
@@ -106,10 +117,10 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     tmp = Path(tmp_name)
     try:
         if cfg.format == "onnx":
-            export_onnx(model, example, tmp, cfg.opset)
+            export_onnx(model, example, tmp, cfg.opset, onnx_metadata(description))
             got = run_onnx(tmp, check)
         else:
-            export_torchscript(model, example, tmp)
+            export_torchscript(model, example, tmp, torchscript_extra_files(description))
             got = run_torchscript(tmp, check)
         max_abs_diff = float(np.abs(got - expected).max())
         if got.shape != expected.shape or not max_abs_diff <= cfg.tolerance:
@@ -128,10 +139,13 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         "max_abs_diff": max_abs_diff,
         "tolerance": cfg.tolerance,
         "tta": tta,
+        "description": description,
     }
+    where = {"onnx": "metadata_props", "torchscript": "the extra file cnnlab.json"}
     graph = "flip TTA in the graph (each image and its mirror image, logits averaged)" if tta else "no TTA in the graph"
     print(
         f"Wrote {output} ({cfg.format}, input images: N x {' x '.join(map(str, check.shape[1:]))}, {graph}). "
+        f"It carries its image shape, mean, std and class names in {where[cfg.format]}. "
         f"Checked on {cfg.batch_size} images: max abs difference from PyTorch {max_abs_diff:.2e} "
         f"(tolerance {cfg.tolerance:g})."
     )
