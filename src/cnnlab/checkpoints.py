@@ -139,7 +139,7 @@ def classifier_from_checkpoint(ckpt: dict[str, Any], source: str = ""):
     from cnnlab.classifier import ImageClassifier  # Lightning loads only once the file is known to be good
 
     hparams = ckpt["hyper_parameters"]
-    keys = ("model", "optimizer", "scheduler", "data", "label_smoothing", "channels_last", "tta_flip")
+    keys = ("model", "optimizer", "scheduler", "data", "label_smoothing", "channels_last", "tta_flip", "finetune")
     try:
         classifier = ImageClassifier(**{k: hparams[k] for k in keys if k in hparams})
     except Exception as err:  # a stored config naming a class or argument this version does not have

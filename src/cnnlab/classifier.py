@@ -21,6 +21,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 MIN_SCHEDULE_STEPS = 16
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # layers with running statistics
 
 
 def build_model(model: dict[str, Any]) -> nn.Module:
@@ -41,10 +42,18 @@ def schedule_span(scheduler: dict[str, Any] | None, total_steps: int) -> dict[st
 
 
 def make_scheduler(scheduler: dict[str, Any] | None, optimizer: Optimizer, total_steps: int) -> LRScheduler | None:
-    """A per-step LR scheduler from its `_partial_` config; `total_steps` / `T_max` span the run unless given."""
+    """A per-step LR scheduler from its `_partial_` config; `total_steps` / `T_max` span the run unless given.
+
+    Parameter groups with an `lr_scale` (fine-tuning's backbone_lr_scale) get their peak rate (`max_lr`) scaled too.
+    """
     if not scheduler:
         return None
-    return instantiate(scheduler)(optimizer, **schedule_span(scheduler, total_steps))
+    partial = instantiate(scheduler)
+    filled: dict[str, Any] = schedule_span(scheduler, total_steps)
+    scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    if "max_lr" in partial.keywords and any(scale != 1.0 for scale in scales):
+        filled["max_lr"] = [partial.keywords["max_lr"] * scale for scale in scales]
+    return partial(optimizer, **filled)
 
 
 def replanned_scheduler(
@@ -119,6 +128,9 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: cross-entropy label smoothing in [0, 1) of the training loss (evaluation losses are plain).
         channels_last: run the model and its inputs in channels-last memory format (faster convolutions).
         tta_flip: evaluate on each image and its mirror image and average the logits (for flip-invariant data).
+        finetune: for a run started from another run's weights (cnnlab.finetune): `freeze`, module name prefixes
+            whose parameters and BatchNorm statistics stay fixed; `backbone_lr_scale`, the learning-rate factor of
+            the carried-over weights; `fresh`, the names of the freshly initialized ones (filled in by train()).
     """
 
     def __init__(
@@ -130,10 +142,19 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         tta_flip: bool = False,
+        finetune: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = build_model(model)
+        self.frozen_norms: list[nn.Module] = []
+        if finetune and finetune.get("freeze"):
+            from cnnlab.finetune import frozen_modules
+
+            frozen = frozen_modules(self.model, finetune["freeze"])
+            for module in frozen:
+                module.requires_grad_(False)
+            self.frozen_norms = [m for m in frozen if isinstance(m, NORMS)]
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -221,8 +242,31 @@ class ImageClassifier(L.LightningModule):
         # What the test stage ran under, so that eval (precision=auto) scores the checkpoint the same way.
         checkpoint["precision"] = str(self.trainer.precision)
 
+    def train(self, mode: bool = True) -> "ImageClassifier":
+        super().train(mode)
+        for norm in self.frozen_norms:  # frozen layers keep their BatchNorm statistics too
+            norm.eval()
+        return self
+
+    def parameter_groups(self) -> list[Tensor] | list[dict[str, Any]]:
+        """The trainable parameters; under fine-tuning with backbone_lr_scale, the carried-over ones in a group of
+        their own whose rate is scaled (`lr_scale`, which make_scheduler applies to the schedule's peak too)."""
+        finetune = self.hparams.get("finetune") or {}
+        scale = finetune.get("backbone_lr_scale", 1.0)
+        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        if scale == 1.0:
+            return [p for _, p in named]
+        fresh = set(finetune.get("fresh", []))
+        groups = [
+            {"params": [p for n, p in named if n not in fresh], "lr": self.hparams.optimizer["lr"] * scale},
+            {"params": [p for n, p in named if n in fresh]},
+        ]
+        for group, group_scale in zip(groups, (scale, 1.0)):
+            group["lr_scale"] = group_scale
+        return [group for group in groups if group["params"]]
+
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = instantiate(self.hparams.optimizer)(self.parameters())
+        optimizer = instantiate(self.hparams.optimizer)(self.parameter_groups())
         scheduler = make_scheduler(self.hparams.scheduler, optimizer, int(self.trainer.estimated_stepping_batches))
         if scheduler is None:
             return {"optimizer": optimizer}

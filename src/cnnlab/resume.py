@@ -78,7 +78,7 @@ def load_resume_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     if "optimizer_states" not in ckpt:
         raise UserError(
             f"ckpt_path={ckpt_path} holds no optimizer state to resume from (a weights-only file). Use "
-            "<run dir>/checkpoints/last.ckpt of a run."
+            "<run dir>/checkpoints/last.ckpt of a run, or init_from=<checkpoint> to start a new run from its weights."
         )
     return ckpt
 
@@ -94,5 +94,6 @@ def check_checkpoint_fits(ckpt: dict[str, Any], ckpt_path: str | Path, model: di
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {model.get(k)!r}" for k in differing)
         raise UserError(
             f"ckpt_path={ckpt_path} was trained with a different model ({details}). Resume with the run's own "
-            "config (resume=<run dir> applies it), or start a new run without ckpt_path."
+            "config (resume=<run dir> applies it), start a new run without ckpt_path, or start a new run from its "
+            "weights with init_from=<checkpoint>."
         )

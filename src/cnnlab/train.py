@@ -40,12 +40,42 @@ def build_classifier(cfg: DictConfig) -> ImageClassifier:
         label_smoothing=cfg.label_smoothing,
         channels_last=cfg.channels_last,
         tta_flip=cfg.tta_flip,
+        finetune=finetune_settings(cfg),
     )
     if cfg.compile.enabled:
         # nn.Module.compile compiles in place: parameter names, and so checkpoint keys, stay the same.
         classifier.model.compile(backend=cfg.compile.backend, mode=cfg.compile.mode)
         classifier.dynamic_eval_batch = True  # one evaluation graph for every batch size, not one per size
     return classifier
+
+
+def finetune_settings(cfg: DictConfig) -> dict[str, Any] | None:
+    """The classifier's `finetune` hyperparameters for a run started from another run's weights, or with frozen
+    layers; None for an ordinary run."""
+    if not cfg.get("init_from") and not cfg.get("freeze"):
+        return None
+    return {
+        "init_from": str(cfg.init_from) if cfg.get("init_from") else None,
+        "freeze": list(cfg.get("freeze") or []),
+        "backbone_lr_scale": float(cfg.get("backbone_lr_scale", 1.0)),
+        "fresh": [],  # filled in by start_from once the weights are carried over
+    }
+
+
+def start_from(
+    classifier: ImageClassifier, init: dict[str, Any] | None, resumed: dict[str, Any] | None, source: str
+) -> str | None:
+    """Load init_from's weights (init) into a new run's model and return the report to print; or give a resumed run
+    its own record of which layers were new, on which its optimizer's parameter groups depend."""
+    if resumed is not None and resumed["hyper_parameters"].get("finetune"):
+        classifier.hparams["finetune"] = resumed["hyper_parameters"]["finetune"]
+    if init is None:
+        return None
+    from cnnlab.finetune import transfer_weights
+
+    transfer = transfer_weights(classifier.model, init, source)
+    classifier.hparams["finetune"]["fresh"] = transfer.fresh_parameters
+    return transfer.report()
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
@@ -119,6 +149,11 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     run_dir = Path(cfg.run_dir)
     validate_config(cfg)  # bad values stop here, before data is read or anything is written
     resumed = load_resume_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    init = None
+    if cfg.get("init_from") and resumed is None:  # a resumed run's weights come from its own checkpoint
+        from cnnlab.finetune import checkpoint_for_init
+
+        init = checkpoint_for_init(cfg.init_from, plain(cfg.model))
     resume_step = resumed["global_step"] if resumed else None
     if resumed:  # a folder's classes and mean/std are the ones the run was trained with, whatever it holds now
         stored = resumed["hyper_parameters"]["data"]
@@ -137,9 +172,12 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     if cfg.get("keep_freed_memory"):
         keep_freed_memory()
     classifier = build_classifier(cfg)
+    transfer = start_from(classifier, init, resumed, str(cfg.get("init_from")))
     console = Console(stderr=False)
     if trainer.is_global_zero:
         console.print(OmegaConf.to_yaml(cfg, resolve=True), markup=False, highlight=False)
+        if transfer:
+            console.print(transfer, markup=False, highlight=False)
 
     start = time.perf_counter()
     try:

@@ -160,6 +160,25 @@ def check_accelerator(cfg: DictConfig) -> None:
         )
 
 
+def check_finetune(cfg: DictConfig) -> None:
+    """freeze names parts of the model, and backbone_lr_scale is a sane factor (init_from is checked where it is
+    loaded, cnnlab.finetune.checkpoint_for_init)."""
+    from cnnlab.classifier import build_model
+    from cnnlab.finetune import frozen_modules
+
+    scale = cfg.get("backbone_lr_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
+        raise UserError(f"backbone_lr_scale={scale} must be a positive factor (e.g. 0.1), or 1 for no difference.")
+    if scale != 1.0 and not cfg.get("init_from"):
+        raise UserError(
+            f"backbone_lr_scale={scale} scales the rate of the weights carried over by init_from, but init_from is "
+            "not set. Give init_from=<checkpoint>, or drop backbone_lr_scale."
+        )
+    if cfg.get("freeze"):
+        with torch.device("meta"):
+            frozen_modules(build_model(_plain(cfg.model)), list(cfg.freeze))
+
+
 def validate_config(cfg: DictConfig) -> None:
     """The checks that need no data read, cheapest first; raises the first UserError found."""
     check_logger_packages(cfg)
@@ -170,8 +189,9 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def validate_model(cfg: DictConfig, resumed: dict[str, Any] | None = None) -> None:
-    """The checks of the model against the data (whose facts a folder dataset has found by now) and the checkpoint
-    being resumed (already loaded safely); raises the first UserError found."""
+    """The checks of the model against the data (whose facts a folder dataset has found by now), the checkpoint
+    being resumed (already loaded safely) and fine-tuning; raises the first UserError found."""
     check_model_fits_data(cfg)
     if resumed is not None:
         check_checkpoint_fits(resumed, cfg.ckpt_path, _plain(cfg.model))
+    check_finetune(cfg)
