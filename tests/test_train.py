@@ -56,20 +56,29 @@ def test_checkpoints_load_with_weights_only_and_hold_plain_hyperparameters(finis
         assert ckpt["hyper_parameters"]["data"]["mean"] == [0.1307]
 
 
-def test_hyperparameters_and_final_metrics_reach_the_hparams_tab(finished_run):
+def test_hparams_tab_holds_a_curated_row_and_no_duplicate_scalars(finished_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
+    from cnnlab.run_record import HPARAMS_METRICS
+
     run_dir, metrics = finished_run
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     content = events.PluginTagToContent("hparams")
     data = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
-    metric_names = {m.name.tag for m in data.experiment.metric_infos}
-    assert {"hp/test_acc", "hp/val_acc_best"} <= metric_names
+    assert [m.name.tag for m in data.experiment.metric_infos] == list(HPARAMS_METRICS)
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    assert session.session_start_info.hparams["optimizer/lr"].number_value == pytest.approx(0.05)
-    assert events.Scalars("hp/test_acc")[-1].value == pytest.approx(metrics["test_acc"])
+    row = session.session_start_info.hparams
+    assert set(row) == {
+        "model", "parameters", "data", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "scheduler",
+        "label_smoothing", "precision", "seed", "ema_decay", "tta_flip", "init_from",
+    }  # fmt: skip
+    assert row["model"].string_value == "LeNet5" and row["parameters"].number_value == 61_706
+    assert row["lr"].number_value == pytest.approx(0.05) and row["scheduler"].string_value == "OneCycleLR"
+    scalars = events.Tags()["scalars"]
+    assert not [tag for tag in scalars if tag.startswith("hp/") or tag == "epoch"]
+    assert [e.value for e in events.Scalars("test/acc")] == pytest.approx([metrics["test_acc"]])  # one point
 
 
 def test_compiled_model_keeps_its_checkpoint_keys(tiny_data, tmp_path):

@@ -1,6 +1,7 @@
 """Console entry points: thin Hydra wrappers around the plain functions in cnnlab.train and friends."""
 
 import argparse
+import logging
 import sys
 import warnings
 from collections.abc import Callable
@@ -17,6 +18,16 @@ from cnnlab.validation import check_output_arguments
 
 # Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates; it says nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+class NoAdvertisement(logging.Filter):
+    """Drops Lightning's suggestion to install its cloud logger, printed before every run's progress bar."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(NoAdvertisement())
 
 
 def config_dir() -> str:

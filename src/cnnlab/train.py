@@ -14,12 +14,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import PassThroughProfiler
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
-from rich.table import Table
 
 from cnnlab.checkpoint_io import DiskFull
 from cnnlab.classifier import ImageClassifier
+from cnnlab.console import RunHeader, parameter_count, print_summary
 from cnnlab.resume import load_resume_checkpoint
-from cnnlab.run_record import early_stopping_record, environment, write_json
+from cnnlab.run_record import early_stopping_record, environment, hparams_row, log_hparams, write_json
 from cnnlab.stopping import NonFiniteLoss, RunInterrupted
 from cnnlab.tracking import finish_tracking
 from cnnlab.validation import validate_config, validate_model
@@ -174,10 +174,12 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     classifier = build_classifier(cfg)
     transfer = start_from(classifier, init, resumed, str(cfg.get("init_from")))
     console = Console(stderr=False)
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and cfg.get("print_config"):
         console.print(OmegaConf.to_yaml(cfg, resolve=True), markup=False, highlight=False)
-        if transfer:
-            console.print(transfer, markup=False, highlight=False)
+    notes = [transfer] if transfer else []
+    if resumed:
+        notes.append(f"resumed  from step {resume_step:,} of {cfg.ckpt_path}")
+    trainer.callbacks.append(RunHeader(run_dir, notes))
 
     start = time.perf_counter()
     try:
@@ -222,8 +224,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         write_json(run_dir / "env.json", env)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                scores = {f"hp/{k}": v for k, v in metrics.items() if isinstance(v, float)}
-                logger.log_hyperparams(plain(cfg), scores)
+                row = hparams_row(cfg, parameter_count(classifier), metrics["global_batch_size"])
+                log_hparams(logger, row)
         finish_tracking(trainer, cfg, metrics)  # logger=mlflow or wandb: the config, these metrics, best.ckpt
         print_summary(console, run_dir, metrics)
     return metrics
@@ -232,13 +234,3 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
 def logged_so_far(trainer: L.Trainer) -> dict[str, float]:
     """The last logged value of every metric, e.g. {"val_acc": 0.97}, for the record of a run that stopped early."""
     return {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-
-
-def print_summary(console: Console, run_dir: Path, metrics: dict[str, Any]) -> None:
-    """The final table of a run."""
-    table = Table(title=f"Run {run_dir}", show_header=True)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    console.print(table)
