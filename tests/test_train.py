@@ -127,7 +127,7 @@ def test_progress_bar_reads_metrics_only_every_refresh_rate_steps(tiny_data, tmp
     from cnnlab.progress import SparseRichProgressBar
 
     reads = []
-    monkeypatch.setattr(SparseRichProgressBar, "_update_metrics", lambda self, trainer, module: reads.append(1))
+    monkeypatch.setattr(SparseRichProgressBar, "_update_metrics", lambda self, *args, **kwargs: reads.append(1))
     with_bar = [o for o in fast_overrides(tiny_data) if "progress_bar" not in o]
     overrides = [
         *with_bar,
