@@ -1,4 +1,4 @@
-"""Test doubles that run inside the processes of a real multi-process run (loaded by `_target_` from the config)."""
+"""Test doubles that run inside real training processes, loaded by `_target_` from the config (`+callbacks.x=...`)."""
 
 import os
 import shutil
@@ -33,3 +33,25 @@ class CountingMNIST(MNISTDataModule):
             f.write(f"{os.environ.get('LOCAL_RANK', '0')}\n")
         time.sleep(1.0)  # long enough for a second process started at the same time to find the files missing too
         shutil.copytree(self.source / "MNIST", self.data_dir / "MNIST", dirs_exist_ok=True)
+
+
+class AllocatorProbe(L.Callback):
+    """At the end of training, frees a 20 MB tensor and writes how many bytes glibc kept in the heap to `output`."""
+
+    def __init__(self, output: str) -> None:
+        self.output = Path(output)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import ctypes
+
+        import torch
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keep")]  # fmt: skip
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        x = torch.ones(20 * 2**20, dtype=torch.uint8)
+        del x
+        self.output.write_text(str(libc.mallinfo2().fordblks))

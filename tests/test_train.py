@@ -147,7 +147,7 @@ def test_progress_bar_reads_metrics_only_every_refresh_rate_steps(tiny_data, tmp
 FREED_20MB = """
 import ctypes, sys
 import torch
-from cnnlab.train import keep_freed_memory
+from cnnlab.cli import keep_freed_memory
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keep")]
@@ -170,3 +170,33 @@ def test_keep_freed_memory_keeps_a_freed_activation_in_the_heap_for_the_next_ste
     assert run("default")[1] < 10 * 2**20  # glibc's default hands the 20 MB back to the kernel
     applied, free_bytes = run("keep")
     assert applied == "True" and free_bytes >= 20 * 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator setting exists on Linux only")
+def test_the_train_command_keeps_freed_memory_but_train_as_a_library_call_leaves_the_allocator_alone(
+    tiny_data, tmp_path
+):
+    import os
+
+    from tests.conftest import REPO
+
+    probe = ["+callbacks.probe._target_=tests.ddp_helpers.AllocatorProbe", "trainer.max_epochs=1", "test=false"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    kept = {}
+    for setting in ("true", "false"):
+        out = tmp_path / f"{setting}.txt"
+        args = [*fast_overrides(tiny_data), *probe, f"+callbacks.probe.output={out}", f"keep_freed_memory={setting}"]
+        command = [sys.executable, str(REPO / "scripts" / "train.py"), *args, f"hydra.run.dir={tmp_path / setting}"]
+        subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+        kept[setting] = int(out.read_text())
+    assert kept["true"] >= 20 * 2**20 and kept["false"] < 10 * 2**20
+    # train() called from another program, with the setting on: that program's allocator is its own business
+    library_call = (
+        "import sys; from tests.conftest import compose_config; from cnnlab.train import train;"
+        "train(compose_config(sys.argv[1:-1], sys.argv[-1]))"
+    )
+    out = tmp_path / "library.txt"
+    args = [*fast_overrides(tiny_data), *probe, f"+callbacks.probe.output={out}", "keep_freed_memory=true"]
+    subprocess.run([sys.executable, "-c", library_call, *args, str(tmp_path / "lib")], cwd=tmp_path, env=env,
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    assert int(out.read_text()) < 10 * 2**20

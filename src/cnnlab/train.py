@@ -1,8 +1,6 @@
 """train(cfg): build data, model and Trainer from a composed config, fit, test, and write the run directory."""
 
 import contextlib
-import ctypes
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -97,27 +95,6 @@ class NoProfiler(PassThroughProfiler):
         return self._null
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse; True where it took effect (Linux with glibc).
-
-    By default, blocks above 128 kB come from fresh mmap()s and a heap with a few MB free at its top is trimmed,
-    both handing memory back to the kernel, which then zero-fills new pages on first touch. A CPU training step
-    allocates and frees its activations (10 MB per LeNet-5 layer at batch 512) every time, so each step paid page
-    faults for all of them. Here blocks up to 32 MB (glibc's maximum threshold) come from the heap, which is trimmed
-    only above 1 GB free.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
-
-
 def build_trainer(
     cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, resume_step: int | None = None
 ) -> L.Trainer:
@@ -169,8 +146,6 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     with open_dict(cfg):
         cfg.data.update(datamodule.discover())
     validate_model(cfg, resumed)
-    if cfg.get("keep_freed_memory"):
-        keep_freed_memory()
     classifier = build_classifier(cfg)
     transfer = start_from(classifier, init, resumed, str(cfg.get("init_from")))
     console = Console(stderr=False)
