@@ -11,8 +11,8 @@ LINT = ["ruff check .", "ruff format --check ."]
 
 
 def readme_setup_commands() -> tuple[str, str]:
-    """README's install command and test command, from the code lines of its "Set up" section."""
-    section = re.search(r"^## Set up\n(.*?)^## ", (REPO / "README.md").read_text(), re.S | re.M).group(1)
+    """README's install command and test command, from the code lines of its "Quick start" section."""
+    section = re.search(r"^## Quick start\n(.*?)^## ", (REPO / "README.md").read_text(), re.S | re.M).group(1)
     lines = [line.strip() for line in section.splitlines() if line.startswith("    ") and "&&" in line]
     test_line = next(line for line in lines if "test" in line.split("#", 1)[1])  # "# the test suite"
     install, test = (part.strip() for part in test_line.split("#", 1)[0].split("&&"))
