@@ -192,6 +192,19 @@ def summarize_main(argv: list[str] | None = None) -> None:
     run_reporting_user_errors(lambda _: summarize(Path(args.dir)), None)
 
 
+def make_shapes_main(argv: list[str] | None = None) -> None:
+    """`python scripts/make_shapes.py <folder>`: circles, squares and triangles in the layout data=folder reads."""
+    parser = argparse.ArgumentParser(prog="make_shapes", description=make_shapes_main.__doc__)
+    parser.add_argument("folder", nargs="?", default="shapes", help="where to write train/ and test/ (default shapes)")
+    parser.add_argument("--train", type=int, default=300, help="training images (default 300)")
+    parser.add_argument("--test", type=int, default=60, help="test images (default 60)")
+    args = parser.parse_args(argv)
+    from cnnlab.data.shapes import write_shapes
+
+    count = write_shapes(Path(args.folder), args.train, args.test)
+    print(f"Wrote {count} images to {args.folder}/train and {args.folder}/test.")
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def eval_main(cfg: DictConfig) -> None:
     """`cnnlab-eval` / `python scripts/eval.py`: score checkpoints and write reports, figures and a ranking."""
