@@ -216,6 +216,7 @@ SANDBOX_PATHS = [  # a placeholder as the pages write it -> what stands for it i
 ]
 SECTION_PATHS = {  # where a page's placeholder means the run of an example in that section
     ("docs/own-images.md", "End to end: a small generated folder"): [("outputs/train/<time>", "outputs/train/shapes")],
+    ("README.md", "Your own images, end to end"): [("outputs/train/<time>", "outputs/train/shapes")],
 }
 PRODUCERS = {  # the commands whose runs stand for the placeholders above, told where to write
     "python scripts/train.py": "hydra.run.dir=outputs/train/quickstart",
@@ -360,10 +361,10 @@ def call_in_process(step: Step, sandbox: Path, number: int) -> tuple[Any, list[s
         namespace = {"__name__": "__main__"}
         exec(compile(step.code, "<docs block>", "exec"), namespace)
         return namespace, []
-    if step.script == "summarize.py":
-        from cnnlab.cli import summarize_main
+    if step.script in ("summarize.py", "make_shapes.py"):  # argparse commands, called with their arguments
+        from cnnlab import cli
 
-        summarize_main(step.args)
+        getattr(cli, step.script.removesuffix(".py") + "_main")(step.args)
         return None, []
     config, target = ENTRY[step.script]
     module, name = target.split(":")
@@ -411,8 +412,8 @@ def subprocess_order(step: Step) -> int:
 
 
 def in_process_order(step: Step) -> int:
-    if step.code and 'Path("shapes")' in step.code:
-        return 0  # make_shapes.py writes the folder the example trains on
+    if step.script == "make_shapes.py":
+        return 0  # it writes the folder the examples train on
     if step.script == "eval.py" and any("*" in a for a in step.args):
         return 1  # before the in-process runs: the glob then matches the runs the subprocess made
     return {"": 5, "train.py": 2, "export.py": 3}.get(step.script, 4)  # Python blocks read exports and stores
@@ -648,7 +649,10 @@ CHECKS = {  # a command as shown (or a Python block's page and section) -> what 
     "make_from=<data>/cifar-10-batches-py reference_data_dir=<data> model=lenet5 device=cpu repeats=8 steps=150": (
         check_benchmark("benchmark_folder.json")
     ),
-    ("docs/own-images.md", "End to end: a small generated folder"): check_shapes_written,
+    "python scripts/make_shapes.py shapes": check_shapes_written,
+    "python scripts/predict.py ckpt_path=outputs/train/<time>/checkpoints/best.ckpt inputs=shapes/test/circle": (
+        check_predictions(20)
+    ),
     ("docs/evaluation.md", "Export"): check_onnx_metadata,
     ("docs/convolution.md", "ReLU(inplace=True)"): check_relu_memory,
     ("docs/tracking.md", "The UI"): check_mlflow_listing,
