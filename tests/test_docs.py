@@ -54,7 +54,7 @@ from PIL import Image
 
 from cnnlab.cli import config_dir, run_reporting_user_errors
 from cnnlab.data.formats import read_idx
-from tests.conftest import REPO, make_cifar, make_cifar100, make_image_folder, make_mnist
+from tests.conftest import REPO, make_cifar, make_cifar100, make_image_folder, make_mnist, pyproject
 
 # docs/_*.md are drafts of README text, written where README's links do not resolve; they are checked once merged.
 PAGES = [REPO / "README.md", *sorted(p for p in (REPO / "docs").glob("*.md") if not p.name.startswith("_"))]
@@ -726,9 +726,7 @@ def test_every_check_and_producer_names_a_command_the_pages_show():
 
 
 def extras() -> dict[str, list[str]]:
-    """pyproject.toml's optional dependencies (read as text: tomllib needs Python 3.11, CI also runs 3.10)."""
-    section = (REPO / "pyproject.toml").read_text().split("[project.optional-dependencies]")[1].split("\n[")[0]
-    return {name: ast.literal_eval(value) for name, value in re.findall(r"^(\w+) = (\[.*\])$", section, re.M)}
+    return pyproject()["project"]["optional-dependencies"]
 
 
 def test_pip_install_lines_name_extras_that_exist_and_say_truly_whether_dev_has_them():

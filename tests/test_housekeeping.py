@@ -5,7 +5,7 @@ import re
 
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, pyproject
 
 LINT = ["ruff check .", "ruff format --check ."]
 
@@ -50,7 +50,7 @@ def test_pre_commit_runs_the_two_ruff_checks_at_the_pinned_ruff_version():
     assert repo["repo"] == "https://github.com/astral-sh/ruff-pre-commit"
     hooks = {hook["id"]: hook.get("args", []) for hook in repo["hooks"]}
     assert hooks == {"ruff-check": [], "ruff-format": ["--check"]}  # check only, as CI does: no --fix
-    (dev,) = re.findall(r"^dev = \[(.*?)\]$", (REPO / "pyproject.toml").read_text(), re.M | re.S)  # no tomllib in 3.10
-    (pinned,) = re.findall(r'"ruff==([^"]+)"', dev)
+    (pinned,) = [spec.removeprefix("ruff==") for spec in pyproject()["project"]["optional-dependencies"]["dev"]
+                 if spec.startswith("ruff==")]  # fmt: skip
     assert pinned == importlib.metadata.version("ruff")  # the ruff that ran `ruff check .` here
     assert repo["rev"] == f"v{pinned}"

@@ -31,7 +31,7 @@ def finish_tracking(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}  # bools count as 0 or 1
     for logger in trainer.loggers:
         if isinstance(logger, MLFlowLogger):
-            logger.log_hyperparams(config)  # flattened with "/" (optimizer/lr), as Lightning flattens nested dicts
+            logger.log_hyperparams(flat_config(config))
             logger.log_metrics(numbers, step=trainer.global_step)
             for key, value in metrics.items():
                 if isinstance(value, str):  # status, best_checkpoint: MLflow metrics are numbers, tags are text
@@ -39,9 +39,24 @@ def finish_tracking(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, Any]
             if metrics.get("best_checkpoint"):
                 logger.experiment.log_artifact(logger.run_id, metrics["best_checkpoint"], artifact_path="checkpoints")
         elif isinstance(logger, WandbLogger):
-            logger.log_hyperparams(config)
+            logger.log_hyperparams(config)  # nested: W&B shows it as a tree
             logger.experiment.summary.update({k: v for k, v in metrics.items() if v is not None})
             logger.experiment.finish()  # see FinishingWandbLogger
+
+
+def flat_config(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as one level of keys joined with "/" (optimizer/lr), every leaf kept.
+
+    Lightning flattens nested dicts the same way but drops empty lists and dicts, so `freeze: []` would go missing.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flat_config(value, f"{name}/"))
+        else:
+            flat[name] = value if isinstance(value, bool | int | float | str) or value is None else str(value)
+    return flat
 
 
 class FinishingWandbLogger(WandbLogger):
