@@ -119,15 +119,20 @@ def tiny_data(tmp_path_factory) -> Path:
     return root
 
 
+REAL_DATA_MISSING = (
+    "CNNLAB_REAL_DATA is not set, so the tests that train on the real MNIST and CIFAR-10 were skipped; to run them: "
+    "CNNLAB_REAL_DATA=<folder holding MNIST/raw/ and cifar-10-batches-py/> pytest"
+)
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     """The real datasets' folder, from CNNLAB_REAL_DATA (.ci/run sets it; in CI a missing setting fails the test)."""
     value = os.environ.get("CNNLAB_REAL_DATA")
     if not value:
-        message = "CNNLAB_REAL_DATA is not set: point it at a folder holding MNIST/raw/ and cifar-10-batches-py/"
         if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+            pytest.fail(REAL_DATA_MISSING)
+        pytest.skip(REAL_DATA_MISSING)
     path = Path(value)
     assert (path / "MNIST" / "raw").is_dir(), f"{path} has no MNIST/raw/"
     return path
@@ -182,3 +187,12 @@ def fast_overrides(data_dir: Path, model: str = "lenet5", data: str = "mnist") -
         "callbacks.progress_bar=null",
         "+trainer.enable_progress_bar=false",
     ]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """Real-data skips under one location, so that pytest's summary says REAL_DATA_MISSING once, with their count."""
+    report = (yield).get_result()
+    if report.skipped and isinstance(report.longrepr, tuple) and report.longrepr[2].endswith(REAL_DATA_MISSING):
+        fixture = getattr(real_data, "__wrapped__", real_data)  # pytest 8.4 wraps fixture functions
+        report.longrepr = ("tests/conftest.py", fixture.__code__.co_firstlineno, REAL_DATA_MISSING)

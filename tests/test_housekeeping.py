@@ -1,7 +1,11 @@
-"""CI in three places runs the same commands: .ci/run, the GitHub workflow and the pre-commit hooks."""
+"""CI in three places runs the same commands: .ci/run, the GitHub workflow and the pre-commit hooks; and what the
+suite says where the real data is missing."""
 
 import importlib.metadata
+import os
 import re
+import subprocess
+import sys
 
 import yaml
 
@@ -54,3 +58,18 @@ def test_pre_commit_runs_the_two_ruff_checks_at_the_pinned_ruff_version():
                  if spec.startswith("ruff==")]  # fmt: skip
     assert pinned == importlib.metadata.version("ruff")  # the ruff that ran `ruff check .` here
     assert repo["rev"] == f"v{pinned}"
+
+
+def test_pytest_without_the_real_data_says_once_which_tests_it_skipped_and_how_to_run_them():
+    from tests.conftest import REAL_DATA_MISSING
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CNNLAB_REAL_DATA", "CI")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_real_data.py"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    collected = len(re.findall(r"^def test_", (REPO / "tests" / "test_real_data.py").read_text(), re.M))
+    lines = [line for line in result.stdout.splitlines() if REAL_DATA_MISSING in line]
+    assert len(lines) == 1 and re.fullmatch(rf"SKIPPED \[{collected}\] tests/conftest\.py:\d+: .*", lines[0]), lines
+    assert f"{collected} skipped" in result.stdout

@@ -158,6 +158,12 @@ def check_accelerator(cfg: DictConfig) -> None:
             f"trainer.accelerator={accelerator} (trainer=gpu) asks for a GPU, but PyTorch ({build}) sees none on this "
             "machine. Use trainer=cpu, or trainer=default to take a GPU only when there is one."
         )
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if cfg.trainer.get("sync_batchnorm") and on_cpu:
+        raise UserError(
+            "trainer.sync_batchnorm=true needs GPUs: PyTorch's SyncBatchNorm does not run in CPU processes "
+            f"(trainer.accelerator={accelerator} trains on the CPU here). Drop the setting, or train on GPUs."
+        )
 
 
 def check_finetune(cfg: DictConfig) -> None:
