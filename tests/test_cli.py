@@ -10,6 +10,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 QUICK = [
@@ -108,7 +110,9 @@ def test_tensorboard_serves_val_acc_of_a_finished_run(tiny_data, tmp_path):
         server.terminate()
         server.wait(timeout=30)
     assert points is not None and len(points) == 2, f"TensorBoard returned {points}"
-    assert all(0.0 <= value <= 1.0 for _, _, value in points)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert max(value for _, _, value in points) == pytest.approx(metrics["val_acc_best"])
+    assert [step for _, step, _ in points] == [3, 7]  # the last step of each epoch: 4 steps per epoch
 
 
 def test_console_script_finds_its_configs_after_a_plain_install_from_any_directory(tiny_data, tmp_path):

@@ -46,7 +46,9 @@ def test_sweep_records_a_failed_job_runs_the_rest_and_summarizes_them_ranked(tin
         ("1", "1", "data.val_size=100"),
         ("2", "0", "data.val_size=99999"),
     ]
-    assert rows[0]["status"] == "ok" and float(rows[0]["val_acc_best"]) > 0 and rows[1]["status"].startswith("failed")
+    job = json.loads((tmp_path / "sweep" / "1" / "metrics.json").read_text())
+    assert rows[0]["status"] == "ok" and float(rows[0]["val_acc_best"]) == job["val_acc_best"]
+    assert rows[1]["status"] == "failed: UserError" and rows[1]["val_acc_best"] == ""
     assert "| 1 | 1 | ok | data.val_size=100 |" in (tmp_path / "sweep" / "summary.md").read_text()
     assert (tmp_path / "sweep" / "val_acc.png").read_bytes()[:4] == b"\x89PNG"
     assert "(1 curves)" in summary.stdout
