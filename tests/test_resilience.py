@@ -194,6 +194,28 @@ def test_sigkilled_run_resumes_in_place_and_ends_like_an_uninterrupted_one(mnist
     assert [s for s, _ in resumed_loss] == [s for s, _ in ref_loss] and resumed_loss[1:] == ref_loss[1:]
 
 
+def test_a_kill_with_the_shipped_checkpoint_settings_loses_only_the_steps_since_the_last_epoch_end(
+    mnist_dir, tmp_path, uninterrupted
+):
+    from tests.test_run_semantics import run_train
+
+    ref_dir, ref = uninterrupted
+    shipped = [a for a in quick(mnist_dir) if not a.startswith("callbacks.last_checkpoint.")]  # 10 minutes, epoch ends
+    killer = ["+callbacks.kill._target_=tests.ddp_helpers.KillAtStep", "+callbacks.kill.step=60",
+              f"+callbacks.kill.marker={tmp_path / 'killed'}"]  # fmt: skip
+    killed = run_train([*shipped, *killer, "hydra.run.dir=run"], tmp_path)
+    assert killed.returncode == -signal.SIGKILL  # 10 steps into the second epoch of 50 steps
+    saved = last_ckpt(tmp_path / "run")
+    assert saved["global_step"] == 50 and saved["epoch"] == 0  # the first epoch's end: what the kill left
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+    resumed = run_train(["resume=run"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["global_step"] == ref["global_step"]
+    done, ref_last = last_ckpt(tmp_path / "run"), last_ckpt(ref_dir)
+    assert all(torch.equal(v, ref_last["state_dict"][k]) for k, v in done["state_dict"].items())
+
+
 def _wait_for_run_dir(proc: subprocess.Popen, cwd: Path) -> list[Path]:
     deadline = time.monotonic() + 60
     while not (cwd / "outputs" / "train").is_dir() or not list((cwd / "outputs" / "train").iterdir()):
@@ -257,11 +279,29 @@ def test_the_same_seed_gives_identical_metrics_on_cpu(tiny_data, tmp_path):
     assert first["train_images_per_second"] == pytest.approx(32 * 32 / first["train_seconds"], rel=0.01)
 
 
+def test_an_early_divergence_with_the_shipped_settings_leaves_last_ckpt_with_the_last_good_weights(tiny_data, tmp_path):
+    from cnnlab.stopping import NonFiniteLoss
+    from tests.test_train import RecordWeights
+
+    cfg = compose_config([*fast_overrides(tiny_data), "optimizer.lr=1e6"], tmp_path)
+    assert (
+        cfg.callbacks.last_checkpoint.every_n_train_steps is None
+    )  # shipped: no step saves before the first epoch end
+    weights = RecordWeights()
+    with pytest.raises(NonFiniteLoss, match=r"at step (\d+) .* keeps the last good state \(step (\d+)\)") as stop:
+        train(cfg, extra_callbacks=[weights])
+    bad, kept = (int(n) for n in re.search(r"at step (\d+) .*\(step (\d+)\)", str(stop.value)).groups())
+    assert 1 < bad < 16 and kept == bad - 1  # in the first epoch, before any scheduled save
+    saved = last_ckpt(tmp_path)
+    assert saved["global_step"] == kept
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in weights.after_step[kept].items())
+    assert saved["MNISTDataModule"]["train_loader"]["served"] == kept  # a resumed run serves the bad batch again
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
+
+
 def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_checkpoint(mnist_dir, tmp_path):
-    result = finish(
-        quick(mnist_dir, "optimizer.lr=1e6", "callbacks.last_checkpoint.every_n_train_steps=1", "hydra.run.dir=run"),
-        tmp_path,
-    )
+    shipped = [a for a in quick(mnist_dir) if not a.startswith("callbacks.last_checkpoint.")]
+    result = finish([*shipped, "optimizer.lr=1e6", "hydra.run.dir=run"], tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "at step" in result.stderr and "optimizer.lr" in result.stderr and "16-bit" in result.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -299,6 +339,36 @@ def test_on_an_accelerator_the_nan_check_reads_the_device_flag_rarely_and_never_
         assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
     else:  # no step saves, and the run stopped before its first epoch end: nothing was saved
         assert not last.exists()
+
+
+@pytest.mark.parametrize(
+    ("nan_at", "read_at", "kept"),
+    [(55, 75, None), (80, 100, 75)],
+    ids=["read-at-the-epoch-end", "read-after-50-steps"],
+)
+def test_on_an_accelerator_the_shipped_nan_check_reads_every_50_steps_and_at_each_epoch_end(
+    tmp_path, monkeypatch, nan_at, read_at, kept
+):
+    from cnnlab.stopping import NonFiniteLoss, StopOnNonFiniteLoss
+    from tests.ddp_helpers import NaNInputOnRank
+
+    # What a GPU run does: the loss is read only as the device would be (every 50 steps, at each epoch end and
+    # before each checkpoint write), not every step as on the CPU.
+    monkeypatch.setattr(StopOnNonFiniteLoss, "reads_are_free", staticmethod(lambda device: False))
+    data = make_mnist(tmp_path / "data", n_train=2500, n_test=100)  # 75 steps of 32 images per epoch
+    cfg = compose_config([*fast_overrides(data), "trainer.max_epochs=2"], tmp_path / "run")
+    assert cfg.callbacks.non_finite_loss.device_check_every_n_steps == 50
+    previous_read = read_at - 25  # step 50 before the first case's epoch end, the epoch end (75) before step 100
+    with pytest.raises(NonFiniteLoss, match=f"between steps {previous_read + 1} and {read_at} "):
+        train(cfg, extra_callbacks=[NaNInputOnRank(rank=0, step=nan_at - 1)])  # the batch of step nan_at
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and metrics["global_step"] == read_at
+    checkpoints = tmp_path / "run" / "checkpoints"
+    if kept is None:  # no checkpoint was due before the first epoch end, and none took the damaged weights
+        assert not checkpoints.exists() or not list(checkpoints.iterdir())
+    else:  # the first epoch's checkpoints, untouched by the damage
+        assert last_ckpt(tmp_path / "run")["global_step"] == kept
+        assert all(torch.isfinite(v).all() for v in last_ckpt(tmp_path / "run")["state_dict"].values())
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------
