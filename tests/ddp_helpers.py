@@ -48,3 +48,15 @@ class KillAtStep(L.Callback):
         if trainer.global_step == self.step and not self.marker.exists():
             self.marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SleepAtStep(L.Callback):
+    """Writes `marker` and then sleeps for `seconds` after training step `step`: a step that takes a long time."""
+
+    def __init__(self, step: int, marker: str, seconds: float = 120.0) -> None:
+        self.step, self.marker, self.seconds = step, Path(marker), seconds
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if trainer.global_step == self.step:
+            self.marker.touch()
+            time.sleep(self.seconds)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from cnnlab.checkpoint_io import atomic_torch_save
 from cnnlab.data.tensor_loader import BatchTransform, EpochSampler, TensorLoader
@@ -248,6 +249,62 @@ def test_a_signal_saves_the_run_and_prints_the_resume_command(mnist_dir, tmp_pat
     assert resumed["test_acc"] == ref["test_acc"] and resumed["test_loss"] == ref["test_loss"]
     resumed_last, ref_last = last_ckpt(run_dir), last_ckpt(ref_dir)
     assert all(torch.equal(v, ref_last["state_dict"][k]) for k, v in resumed_last["state_dict"].items())
+
+
+def test_a_second_ctrl_c_aborts_at_once_without_waiting_for_the_step_to_end(mnist_dir, tmp_path):
+    from tests.test_run_semantics import SOURCES
+
+    marker = tmp_path / "in_the_long_step"
+    sleeper = ["+callbacks.slow._target_=tests.ddp_helpers.SleepAtStep", "+callbacks.slow.step=5",
+               f"+callbacks.slow.marker={marker}"]  # fmt: skip
+    shipped = [a for a in quick(mnist_dir) if not a.startswith("callbacks.last_checkpoint.")]
+    env = {**os.environ, "PYTHONPATH": SOURCES}  # tests.ddp_helpers too
+    command = [*TRAIN, *shipped, *sleeper, "hydra.run.dir=run"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step_checkpoint(proc, marker)  # inside step 5's two-minute end
+    proc.send_signal(signal.SIGINT)  # the first asks for a stop after this step ...
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)  # ... the second aborts
+    stdout, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 1, stderr[-3000:]  # Lightning's exit on KeyboardInterrupt, not 130 after the step
+    assert stdout.count("SIGINT received: saving after this step") == 1
+    assert "Detected KeyboardInterrupt" in stdout + stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()  # no stop was recorded ...
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()  # ... and nothing saved
+
+
+def test_the_torchvision_loader_restarts_an_interrupted_epoch_from_its_first_batch(tiny_data, tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    class RecordBatches(Callback):
+        def __init__(self):
+            self.labels: list[tuple[int, list[int]]] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.labels.append((trainer.global_step, batch[1].tolist()))
+
+    class CrashAfterStep5(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 5:
+                raise RuntimeError("crash")
+
+    overrides = [*fast_overrides(tiny_data), "data.loader=torchvision", "trainer.max_epochs=1", "test=false",
+                 "callbacks.last_checkpoint.every_n_train_steps=3"]  # fmt: skip
+    first = RecordBatches()
+    with pytest.raises(RuntimeError, match="crash"):
+        train(compose_config(overrides, tmp_path), extra_callbacks=[first, CrashAfterStep5()])
+    assert last_ckpt(tmp_path)["global_step"] == 3
+    resumed = RecordBatches()
+    with pytest.warns(UserWarning, match="not resumable"):  # Lightning says so
+        train(compose_config([*overrides, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"], tmp_path),
+              extra_callbacks=[resumed])  # fmt: skip
+    # The step count continues from 3, but the batches start again from the epoch's first, in the same order.
+    datamodule = instantiate(compose_config(overrides, tmp_path).data)
+    datamodule.setup()
+    epoch = [labels.tolist() for _, labels in datamodule.train_dataloader()]
+    assert [labels for _, labels in first.labels] == epoch[:5]  # steps 1 to 5
+    assert [step for step, _ in resumed.labels] == list(range(3, 16))
+    assert [labels for _, labels in resumed.labels] == epoch[:13]  # not epoch[3:], where the crash left off
 
 
 def test_resume_arguments_replay_the_original_overrides_and_keep_the_folder(tmp_path):
