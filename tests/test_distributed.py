@@ -52,6 +52,8 @@ def test_two_process_ddp_writes_one_run_dir_and_a_checkpoint_one_process_loads(o
     ]  # fmt: skip
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["global_batch_size"] == 64 and metrics["global_step"] == 8  # 4 steps of 2 x 32 images per epoch
+    # images per second of training count both processes' images
+    assert metrics["train_images_per_second"] == pytest.approx(8 * 64 / metrics["train_seconds"], rel=0.01)
 
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     classifier = ImageClassifier(**ckpt["hyper_parameters"])
@@ -102,7 +104,14 @@ def test_torchrun_two_single_process_nodes_on_loopback_write_one_metrics_json(od
     assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("**/metrics.json")] == ["run/metrics.json"]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["global_batch_size"] == 64 and metrics["epochs"] == 2
-    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
+    # Lightning's DistributedSampler pads the 201 test images to 202 by repeating the first (the second rank's shard
+    # ends with image 0): the test stage scores image 0 twice.
+    from tests.test_evaluate import checkpoint_logits
+
+    logits, labels = checkpoint_logits(tmp_path / "run" / "checkpoints" / "best.ckpt")
+    correct = (logits.argmax(1) == labels).tolist()
+    assert len(correct) == 201 and sum(correct) < 201  # so counting image 0 twice changes the score
+    assert metrics["test_acc"] == pytest.approx((sum(correct) + correct[0]) / 202, abs=1e-6)
 
 
 def test_sweep_with_a_ddp_trainer_is_refused_before_any_run(tmp_path):
