@@ -1,7 +1,9 @@
 """Shared fixtures: tiny datasets in the real on-disk formats, and configs composed as the command line does."""
 
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -9,6 +11,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from cnnlab.cli import config_dir
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the dev extra installs tomli there
+    import tomli as tomllib
 from cnnlab.data.formats import (
     read_cifar_batch,
     read_idx,
@@ -27,6 +34,10 @@ DATASETS = ["mnist", "cifar10"]
 CIFAR100_FINE = [f"fine{i:02d}" for i in range(100)]
 CIFAR100_COARSE = [f"coarse{i:02d}" for i in range(20)]
 FOLDER_CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "jay", "koi"]
+
+
+def pyproject() -> dict[str, Any]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
 def class_patterns(n: int, shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -42,13 +42,20 @@ def test_train_script_writes_a_run_dir_under_the_working_directory(tiny_data, tm
     assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {"test_acc", "test_loss", "val_acc_best", "epochs", "train_seconds"} <= set(metrics)
-    assert "test_acc" in result.stdout  # the final table
+    out = result.stdout
+    assert "model    LeNet5, 61,706 parameters" in out and "500 train / 100 val / 200 test images of 1x28x28" in out
+    assert "_target_" not in out and "litlogger" not in result.stdout + result.stderr  # no YAML, no advertisement
+    assert "test accuracy" in out and " %" in out  # the final table, in percent
+    best = run_dir / "checkpoints" / "best.ckpt"
+    assert f"python scripts/eval.py ckpt_path={best.resolve()}" in out and f"resume={run_dir.resolve()}" in out
 
 
-def test_hydra_run_dir_override_places_the_run(tiny_data, tmp_path):
-    result = train_script(*QUICK, f"data.data_dir={tiny_data}", "hydra.run.dir=mine/run1", cwd=tmp_path)
+def test_hydra_run_dir_override_places_the_run_and_print_config_shows_the_config(tiny_data, tmp_path):
+    args = [*QUICK, f"data.data_dir={tiny_data}", "hydra.run.dir=mine/run1", "print_config=true"]
+    result = train_script(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "mine" / "run1" / "metrics.json").is_file()
+    assert "_target_: cnnlab.models.LeNet5" in result.stdout
 
 
 def test_missing_data_gets_one_paragraph_exit_2_and_no_traceback(tmp_path):

@@ -335,13 +335,12 @@ def test_an_unknown_data_key_is_refused_with_the_stored_keys(trained, tmp_path):
 
 def test_console_scripts_name_the_entry_points():
     import importlib
-    import re
 
-    from tests.conftest import REPO
+    from tests.conftest import REPO, pyproject
 
-    pyproject = (REPO / "pyproject.toml").read_text()  # tomllib is not in Python 3.10
+    scripts = pyproject()["project"]["scripts"]
     for name in ("eval", "predict", "export"):
-        module, function = re.search(rf'^cnnlab-{name} = "([\w.]+):(\w+)"$', pyproject, re.M).groups()
+        module, function = scripts[f"cnnlab-{name}"].split(":")
         assert callable(getattr(importlib.import_module(module), function))
         wrapper = (REPO / "scripts" / f"{name}.py").read_text()
         assert f"from cnnlab.cli import {function}" in wrapper

@@ -499,3 +499,18 @@ def test_folder_benchmark_writes_cifar_as_pngs_and_reports_every_measure(tmp_pat
         result["folder_train_images_per_second"] / result["cifar10_train_images_per_second"], rel=1e-2
     )
     assert json.loads((tmp_path / "benchmark_folder.json").read_text())["images_decoded"] == 250
+
+
+def test_make_shapes_writes_a_folder_that_trains_evaluates_and_predicts(tmp_path):
+    from cnnlab.cli import make_shapes_main
+    from cnnlab.data.shapes import SHAPES
+
+    make_shapes_main([str(tmp_path / "shapes"), "--train", "90", "--test", "30"])
+    for split, count in (("train", 30), ("test", 10)):
+        for shape in SHAPES:
+            files = sorted((tmp_path / "shapes" / split / shape).iterdir())
+            assert len(files) == count and {f.suffix for f in files} == {".png", ".jpg"}
+    overrides = folder_overrides(tmp_path / "shapes", "resnet8", "data.val_size=30", "trainer.max_epochs=1")
+    metrics = train(compose_config(overrides, tmp_path / "run"))
+    ckpt = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["data"]["class_names"] == list(SHAPES)

@@ -5,14 +5,14 @@ import re
 
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, pyproject
 
 LINT = ["ruff check .", "ruff format --check ."]
 
 
 def readme_setup_commands() -> tuple[str, str]:
-    """README's install command and test command, from the code lines of its "Set up" section."""
-    section = re.search(r"^## Set up\n(.*?)^## ", (REPO / "README.md").read_text(), re.S | re.M).group(1)
+    """README's install command and test command, from the code lines of its "Quick start" section."""
+    section = re.search(r"^## Quick start\n(.*?)^## ", (REPO / "README.md").read_text(), re.S | re.M).group(1)
     lines = [line.strip() for line in section.splitlines() if line.startswith("    ") and "&&" in line]
     test_line = next(line for line in lines if "test" in line.split("#", 1)[1])  # "# the test suite"
     install, test = (part.strip() for part in test_line.split("#", 1)[0].split("&&"))
@@ -50,7 +50,7 @@ def test_pre_commit_runs_the_two_ruff_checks_at_the_pinned_ruff_version():
     assert repo["repo"] == "https://github.com/astral-sh/ruff-pre-commit"
     hooks = {hook["id"]: hook.get("args", []) for hook in repo["hooks"]}
     assert hooks == {"ruff-check": [], "ruff-format": ["--check"]}  # check only, as CI does: no --fix
-    (dev,) = re.findall(r"^dev = \[(.*)\]$", (REPO / "pyproject.toml").read_text(), re.M)  # tomllib needs 3.11
-    (pinned,) = re.findall(r'"ruff==([^"]+)"', dev)
+    (pinned,) = [spec.removeprefix("ruff==") for spec in pyproject()["project"]["optional-dependencies"]["dev"]
+                 if spec.startswith("ruff==")]  # fmt: skip
     assert pinned == importlib.metadata.version("ruff")  # the ruff that ran `ruff check .` here
     assert repo["rev"] == f"v{pinned}"

@@ -109,20 +109,29 @@ def test_checkpoints_load_with_weights_only_and_hold_plain_hyperparameters(finis
         assert ckpt["hyper_parameters"]["data"]["mean"] == [0.1307]
 
 
-def test_hyperparameters_and_final_metrics_reach_the_hparams_tab(finished_run):
+def test_hparams_tab_holds_a_curated_row_and_no_duplicate_scalars(finished_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
+    from cnnlab.run_record import HPARAMS_METRICS
+
     run_dir, metrics = finished_run
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     content = events.PluginTagToContent("hparams")
     data = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
-    metric_names = {m.name.tag for m in data.experiment.metric_infos}
-    assert {"hp/test_acc", "hp/val_acc_best"} <= metric_names
+    assert [m.name.tag for m in data.experiment.metric_infos] == list(HPARAMS_METRICS)
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    assert session.session_start_info.hparams["optimizer/lr"].number_value == pytest.approx(0.05)
-    assert events.Scalars("hp/test_acc")[-1].value == pytest.approx(metrics["test_acc"])
+    row = session.session_start_info.hparams
+    assert set(row) == {
+        "model", "parameters", "data", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "scheduler",
+        "label_smoothing", "precision", "seed", "ema_decay", "tta_flip", "init_from",
+    }  # fmt: skip
+    assert row["model"].string_value == "LeNet5" and row["parameters"].number_value == 61_706
+    assert row["lr"].number_value == pytest.approx(0.05) and row["scheduler"].string_value == "OneCycleLR"
+    scalars = events.Tags()["scalars"]
+    assert not [tag for tag in scalars if tag.startswith("hp/") or tag == "epoch"]
+    assert [e.value for e in events.Scalars("test/acc")] == pytest.approx([metrics["test_acc"]])  # one point
 
 
 def test_compiled_model_keeps_its_checkpoint_keys(tiny_data, tmp_path):
@@ -223,7 +232,7 @@ def test_progress_bar_reads_metrics_only_every_refresh_rate_steps(tiny_data, tmp
     from cnnlab.progress import SparseRichProgressBar
 
     reads = []
-    monkeypatch.setattr(SparseRichProgressBar, "_update_metrics", lambda self, trainer, module: reads.append(1))
+    monkeypatch.setattr(SparseRichProgressBar, "_update_metrics", lambda self, *args, **kwargs: reads.append(1))
     with_bar = [o for o in fast_overrides(tiny_data) if "progress_bar" not in o]
     overrides = [
         *with_bar,
@@ -243,7 +252,7 @@ def test_progress_bar_reads_metrics_only_every_refresh_rate_steps(tiny_data, tmp
 FREED_20MB = """
 import ctypes, sys
 import torch
-from cnnlab.train import keep_freed_memory
+from cnnlab.cli import keep_freed_memory
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keep")]
@@ -266,3 +275,33 @@ def test_keep_freed_memory_keeps_a_freed_activation_in_the_heap_for_the_next_ste
     assert run("default")[1] < 10 * 2**20  # glibc's default hands the 20 MB back to the kernel
     applied, free_bytes = run("keep")
     assert applied == "True" and free_bytes >= 20 * 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator setting exists on Linux only")
+def test_the_train_command_keeps_freed_memory_but_train_as_a_library_call_leaves_the_allocator_alone(
+    tiny_data, tmp_path
+):
+    import os
+
+    from tests.conftest import REPO
+
+    probe = ["+callbacks.probe._target_=tests.ddp_helpers.AllocatorProbe", "trainer.max_epochs=1", "test=false"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    kept = {}
+    for setting in ("true", "false"):
+        out = tmp_path / f"{setting}.txt"
+        args = [*fast_overrides(tiny_data), *probe, f"+callbacks.probe.output={out}", f"keep_freed_memory={setting}"]
+        command = [sys.executable, str(REPO / "scripts" / "train.py"), *args, f"hydra.run.dir={tmp_path / setting}"]
+        subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+        kept[setting] = int(out.read_text())
+    assert kept["true"] >= 20 * 2**20 and kept["false"] < 10 * 2**20
+    # train() called from another program, with the setting on: that program's allocator is its own business
+    library_call = (
+        "import sys; from tests.conftest import compose_config; from cnnlab.train import train;"
+        "train(compose_config(sys.argv[1:-1], sys.argv[-1]))"
+    )
+    out = tmp_path / "library.txt"
+    args = [*fast_overrides(tiny_data), *probe, f"+callbacks.probe.output={out}", "keep_freed_memory=true"]
+    subprocess.run([sys.executable, "-c", library_call, *args, str(tmp_path / "lib")], cwd=tmp_path, env=env,
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    assert int(out.read_text()) < 10 * 2**20

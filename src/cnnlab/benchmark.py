@@ -20,7 +20,7 @@ from omegaconf import DictConfig, open_dict
 from cnnlab.classifier import build_model, make_scheduler
 from cnnlab.errors import UserError
 from cnnlab.run_record import environment, write_json
-from cnnlab.train import build_classifier, build_datamodule, build_trainer, keep_freed_memory, plain
+from cnnlab.train import build_classifier, build_datamodule, build_trainer, plain
 
 PATHS = ("lightning", "plain", "torchvision")
 
@@ -233,8 +233,6 @@ def time_to_accuracy(cfg: DictConfig) -> dict[str, Any]:
 
 def benchmark(cfg: DictConfig) -> dict[str, Any]:
     """Run the throughput comparison, or the time-to-accuracy measurement when target_acc is set; write JSON."""
-    if cfg.keep_freed_memory:  # as train.py does; every path runs in this process, so all of them get it
-        keep_freed_memory()
     with open_dict(cfg):  # as train.py does: a folder's class names and mean/std into cfg.data before building
         cfg.data.update(instantiate(cfg.data).discover())
     result = time_to_accuracy(cfg) if cfg.target_acc is not None else throughput(cfg)

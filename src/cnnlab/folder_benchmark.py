@@ -21,7 +21,7 @@ from cnnlab.data.cifar import TRAIN_BATCHES
 from cnnlab.data.formats import read_cifar_batch, read_cifar_pickle, write_image_folder
 from cnnlab.errors import UserError
 from cnnlab.run_record import environment, write_json
-from cnnlab.train import keep_freed_memory, plain
+from cnnlab.train import plain
 
 # Keys the reference data config takes from the folder's, so that both train on the same batches.
 SHARED_KEYS = ("batch_size", "eval_batch_size", "val_size", "split_seed", "loader", "augment", "crop_padding", "flip")
@@ -68,8 +68,6 @@ def benchmark_folder(cfg: DictConfig) -> dict[str, Any]:
     """Decode rate, cache loading time and training speed of data=folder against cfg.reference_data; writes JSON."""
     if not cfg.data._target_.endswith("FolderDataModule"):
         raise UserError("scripts/benchmark_folder.py measures data=folder: add data=folder data.data_dir=<folder>.")
-    if cfg.keep_freed_memory:
-        keep_freed_memory()
     root = Path(cfg.data.data_dir).expanduser().resolve()
     result: dict[str, Any] = {}
     if cfg.make_from and not (root / "train").is_dir():

@@ -44,7 +44,7 @@ class LastCheckpoint(Checkpoint):
 
     def save(self, trainer: L.Trainer) -> None:
         """Write last.ckpt now. Every process calls this together; the first one writes the file."""
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the whole training state, to resume from
         self.saved_at_step, self.saved_at_time = trainer.global_step, monotonic()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -8,6 +8,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
 
 from cnnlab.atomic_files import write_text_atomic
 
@@ -15,6 +17,52 @@ from cnnlab.atomic_files import write_text_atomic
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically (temporary file + rename), so a killed process never leaves half a file."""
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+# The scalars TensorBoard's HPARAMS tab shows beside each run's settings (their last value in the run).
+HPARAMS_METRICS = ("test/acc", "test/loss", "val/acc", "val/loss", "train/loss")
+
+
+def hparams_row(cfg: DictConfig, parameters: int, global_batch: int) -> dict[str, Any]:
+    """The settings a person compares across runs, flat and short (the whole config is in .hydra/config.yaml)."""
+
+    def name(node: Any) -> str:
+        return str(node["_target_"]).rsplit(".", 1)[-1] if node and node.get("_target_") else "none"
+
+    ema = (cfg.get("callbacks") or {}).get("ema")
+    return {
+        "model": name(cfg.model),
+        "parameters": parameters,
+        "data": name(cfg.data),
+        "epochs": cfg.trainer.max_epochs,
+        "batch_size": global_batch,
+        "optimizer": name(cfg.optimizer),
+        "lr": float(cfg.optimizer.lr),
+        "weight_decay": float(cfg.optimizer.get("weight_decay") or 0.0),
+        "scheduler": name(cfg.get("scheduler")),
+        "label_smoothing": float(cfg.label_smoothing),
+        "precision": str(cfg.trainer.precision),
+        "seed": int(cfg.seed),
+        "ema_decay": float(ema.decay) if ema else 0.0,
+        "tta_flip": bool(cfg.tta_flip),
+        "init_from": str(cfg.get("init_from") or ""),
+    }
+
+
+def log_hparams(logger: TensorBoardLogger, row: dict[str, Any]) -> None:
+    """Give TensorBoard's HPARAMS tab this run's row, with HPARAMS_METRICS as its columns.
+
+    Lightning's log_hyperparams(params, metrics) would also write each metric again as a scalar at step 0 (a
+    duplicate point in the test/acc chart, or one-point hp/* charts); the summaries alone refer to the scalars the
+    run logged. Written through the writer's _get_file_writer(), as Lightning's own logger does;
+    tests/test_train.py reads the tab back.
+    """
+    from torch.utils.tensorboard.summary import hparams
+
+    writer = logger.experiment._get_file_writer()
+    for summary in hparams(row, dict.fromkeys(HPARAMS_METRICS, 0.0)):
+        writer.add_summary(summary)
+    writer.flush()
 
 
 def early_stopping_record(trainer: L.Trainer) -> dict[str, Any]:

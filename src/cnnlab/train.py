@@ -1,8 +1,6 @@
 """train(cfg): build data, model and Trainer from a composed config, fit, test, and write the run directory."""
 
 import contextlib
-import ctypes
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,12 +12,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import PassThroughProfiler
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
-from rich.table import Table
 
 from cnnlab.checkpoint_io import DiskFull
 from cnnlab.classifier import ImageClassifier
+from cnnlab.console import RunHeader, parameter_count, print_summary
 from cnnlab.resume import load_resume_checkpoint
-from cnnlab.run_record import early_stopping_record, environment, write_json
+from cnnlab.run_record import early_stopping_record, environment, hparams_row, log_hparams, write_json
 from cnnlab.stopping import NonFiniteLoss, RunInterrupted
 from cnnlab.tracking import finish_tracking
 from cnnlab.validation import validate_config, validate_model
@@ -97,27 +95,6 @@ class NoProfiler(PassThroughProfiler):
         return self._null
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse; True where it took effect (Linux with glibc).
-
-    By default, blocks above 128 kB come from fresh mmap()s and a heap with a few MB free at its top is trimmed,
-    both handing memory back to the kernel, which then zero-fills new pages on first touch. A CPU training step
-    allocates and frees its activations (10 MB per LeNet-5 layer at batch 512) every time, so each step paid page
-    faults for all of them. Here blocks up to 32 MB (glibc's maximum threshold) come from the heap, which is trimmed
-    only above 1 GB free.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
-
-
 def build_trainer(
     cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, resume_step: int | None = None
 ) -> L.Trainer:
@@ -169,15 +146,15 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     with open_dict(cfg):
         cfg.data.update(datamodule.discover())
     validate_model(cfg, resumed)
-    if cfg.get("keep_freed_memory"):
-        keep_freed_memory()
     classifier = build_classifier(cfg)
     transfer = start_from(classifier, init, resumed, str(cfg.get("init_from")))
     console = Console(stderr=False)
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and cfg.get("print_config"):
         console.print(OmegaConf.to_yaml(cfg, resolve=True), markup=False, highlight=False)
-        if transfer:
-            console.print(transfer, markup=False, highlight=False)
+    notes = [transfer] if transfer else []
+    if resumed:
+        notes.append(f"resumed  from step {resume_step:,} of {cfg.ckpt_path}")
+    trainer.callbacks.append(RunHeader(run_dir, notes))
 
     start = time.perf_counter()
     try:
@@ -222,8 +199,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         write_json(run_dir / "env.json", env)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                scores = {f"hp/{k}": v for k, v in metrics.items() if isinstance(v, float)}
-                logger.log_hyperparams(plain(cfg), scores)
+                row = hparams_row(cfg, parameter_count(classifier), metrics["global_batch_size"])
+                log_hparams(logger, row)
         finish_tracking(trainer, cfg, metrics)  # logger=mlflow or wandb: the config, these metrics, best.ckpt
         print_summary(console, run_dir, metrics)
     return metrics
@@ -232,13 +209,3 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
 def logged_so_far(trainer: L.Trainer) -> dict[str, float]:
     """The last logged value of every metric, e.g. {"val_acc": 0.97}, for the record of a run that stopped early."""
     return {k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-
-
-def print_summary(console: Console, run_dir: Path, metrics: dict[str, Any]) -> None:
-    """The final table of a run."""
-    table = Table(title=f"Run {run_dir}", show_header=True)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    console.print(table)

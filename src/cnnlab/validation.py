@@ -76,7 +76,7 @@ def check_model_fits_data(cfg: DictConfig) -> None:
 
     shape, num_classes = tuple(cfg.data.image_shape), cfg.data.num_classes
     model_cfg = _plain(cfg.model)
-    for key, expected, what in (("in_channels", shape[0], "channels"), ("image_size", shape[1], "pixels per side")):
+    for key, expected, what in (("in_channels", shape[0], "channel(s)"), ("image_size", shape[1], "pixels per side")):
         if key in model_cfg and model_cfg[key] != expected:
             raise UserError(
                 f"model.{key}={model_cfg[key]} does not fit the data: {cfg.data._target_} images have shape "

@@ -176,6 +176,8 @@ class LazyImages:
     def __getitem__(self, index: int | Tensor) -> Tensor:
         if isinstance(index, int) or (isinstance(index, Tensor) and index.dim() == 0):
             return torch.tensor(load_image(self.paths[int(index)], self.image_shape))  # a copy: Pillow's is read-only
+        if isinstance(index, slice):  # images[:1], as the conv-images callback takes its fixed image
+            index = range(*index.indices(len(self)))
         rows = [self[int(i)] for i in index]
         return torch.stack(rows) if rows else torch.empty((0, *self.image_shape), dtype=torch.uint8)
 
