@@ -1,7 +1,9 @@
-"""Test doubles that run inside real training processes, loaded by `_target_` from the config (`+callbacks.x=...`)."""
+"""Test doubles that run inside the processes of a real run, one process or several (loaded by `_target_` from the
+config)."""
 
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -33,6 +35,31 @@ class CountingMNIST(MNISTDataModule):
             f.write(f"{os.environ.get('LOCAL_RANK', '0')}\n")
         time.sleep(1.0)  # long enough for a second process started at the same time to find the files missing too
         shutil.copytree(self.source / "MNIST", self.data_dir / "MNIST", dirs_exist_ok=True)
+
+
+class KillAtStep(L.Callback):
+    """SIGKILLs its own process after training step `step`, as `kill -9` would; once: `marker` records that it did,
+    so the resumed run (which replays the same overrides) goes on."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, Path(marker)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if trainer.global_step == self.step and not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SleepAtStep(L.Callback):
+    """Writes `marker` and then sleeps for `seconds` after training step `step`: a step that takes a long time."""
+
+    def __init__(self, step: int, marker: str, seconds: float = 120.0) -> None:
+        self.step, self.marker, self.seconds = step, Path(marker), seconds
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if trainer.global_step == self.step:
+            self.marker.touch()
+            time.sleep(self.seconds)
 
 
 class AllocatorProbe(L.Callback):

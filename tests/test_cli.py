@@ -10,6 +10,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 QUICK = [
@@ -115,7 +117,9 @@ def test_tensorboard_serves_val_acc_of_a_finished_run(tiny_data, tmp_path):
         server.terminate()
         server.wait(timeout=30)
     assert points is not None and len(points) == 2, f"TensorBoard returned {points}"
-    assert all(0.0 <= value <= 1.0 for _, _, value in points)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert max(value for _, _, value in points) == pytest.approx(metrics["val_acc_best"])
+    assert [step for _, step, _ in points] == [3, 7]  # the last step of each epoch: 4 steps per epoch
 
 
 def test_console_script_finds_its_configs_after_a_plain_install_from_any_directory(tiny_data, tmp_path):
@@ -137,5 +141,27 @@ def test_console_script_finds_its_configs_after_a_plain_install_from_any_directo
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (elsewhere / "outputs" / "train").iterdir()
-    assert (run_dir / "metrics.json").is_file()
+    trained = json.loads((run_dir / "metrics.json").read_text())
     assert str(target) in (run_dir / ".hydra" / "hydra.yaml").read_text()  # configs came from the installed copy
+
+    # cnnlab-eval, cnnlab-predict and cnnlab-export are the same commands as the scripts, from the install.
+    best, installed = run_dir / "checkpoints" / "best.ckpt", {"PYTHONPATH": str(target)}
+
+    def command(name: str, *overrides: str) -> subprocess.CompletedProcess:
+        return run([sys.executable, str(target / "bin" / f"cnnlab-{name}"), *overrides], elsewhere, installed)
+
+    evaluated = command("eval", f"ckpt_path={best}", "hydra.run.dir=ev")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads((elsewhere / "ev" / "metrics.json").read_text())["test_acc"] == trained["test_acc"]
+    assert str(target) in (elsewhere / "ev" / ".hydra" / "hydra.yaml").read_text()
+    from PIL import Image
+
+    from cnnlab.data.formats import read_idx
+
+    Image.fromarray(read_idx(tiny_data / "MNIST" / "raw" / "t10k-images-idx3-ubyte")[0]).save(elsewhere / "digit.png")
+    predicted = command("predict", f"ckpt_path={best}", "inputs=digit.png", "output=preds.csv")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert (elsewhere / "preds.csv").read_text().splitlines()[1].startswith("digit.png,")
+    exported = command("export", f"ckpt_path={best}", "format=torchscript", "output=model.pt")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "max abs difference from PyTorch" in exported.stdout and (elsewhere / "model.pt").is_file()

@@ -122,6 +122,16 @@ def test_validation_split_larger_than_the_training_set_is_refused(tiny_data, tmp
         dm.setup()
 
 
+def test_a_cifar_validation_split_that_leaves_no_training_images_stops_the_run_when_loaded(tiny_data, tmp_path):
+    from cnnlab.train import train
+
+    # CIFAR-10 has no cheap header to read its size from before the run starts: the check comes when it is loaded.
+    cfg = compose_config([*fast_overrides(tiny_data, "lenet5", "cifar10"), "data.val_size=500"], tmp_path)
+    with pytest.raises(UserError, match=r"data.val_size=500 must be .* below the 500 training images"):
+        train(cfg)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.json").exists()
+
+
 def test_image_shape_that_does_not_fit_the_files_is_refused(tiny_data, tmp_path):
     dm = datamodule(tiny_data, "mnist", tmp_path, "data.image_shape=[1,32,32]")
     with pytest.raises(UserError, match="image_shape"):
@@ -133,21 +143,52 @@ def test_tensor_and_torchvision_paths_give_the_same_unaugmented_batches(tiny_dat
     fast = datamodule(tiny_data, data, tmp_path, "data.loader=tensor")
     slow = datamodule(tiny_data, data, tmp_path, "data.loader=torchvision")
     fast.setup(), slow.setup()
-    for a, b in zip(fast.val_dataloader(), slow.val_dataloader()):
+    batches = list(zip(fast.val_dataloader(), slow.val_dataloader(), strict=True))
+    assert len(batches) == 2  # 100 validation images in batches of 64
+    for a, b in batches:
         assert torch.allclose(a[0], b[0], atol=1e-5) and torch.equal(a[1], b[1])
+
+
+def square_offsets(images: torch.Tensor, labels: torch.Tensor, dm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each augmented class_patterns image shows its bright square, against where the unaugmented one has it:
+    (row shift in pixels, whether it is mirrored), for the labels whose square is far from the vertical midline."""
+    pixels = images * torch.tensor(dm.std).view(1, -1, 1, 1) + torch.tensor(dm.mean).view(1, -1, 1, 1)  # -> [0, 1]
+    bright = (pixels[:, 0] > 0.8).float()  # (N, H, W): the square; the noise stays below 60/255
+    count = bright.sum(dim=(1, 2))
+    rows = (bright.sum(2) * torch.arange(32)).sum(1) / count  # centre of mass
+    cols = (bright.sum(1) * torch.arange(32)).sum(1) / count
+    top, left = 4 + 6 * (labels // 5), 3 + 5 * (labels % 5)  # conftest.class_patterns: a 5 x 4 square
+    row_shift = (rows - (top + 2)).round()
+    centre, mirrored = left + 1.5, 31 - (left + 1.5)
+    flipped = (cols - mirrored).abs() < (cols - centre).abs()
+    apart = labels % 5 != 2  # the middle column's square and its mirror image overlap
+    return row_shift[apart], flipped[apart]
 
 
 def test_tensor_and_torchvision_augmentation_have_the_same_statistics(tiny_data, tmp_path):
     fast = datamodule(tiny_data, "cifar10", tmp_path, "data.loader=tensor", "data.batch_size=400")
     slow = datamodule(tiny_data, "cifar10", tmp_path, "data.loader=torchvision", "data.batch_size=400")
     fast.setup(), slow.setup()
-    stats = []
+    stats, shifts = [], []
+    torch.manual_seed(0)  # the torchvision transforms draw from the global generator
     for dm in (fast, slow):
-        batches = [x for _ in range(5) for x, _ in dm.train_dataloader()]
-        x = torch.cat(batches)
+        batches = []
+        for epoch in range(5):
+            loader = dm.train_dataloader()
+            getattr(loader.sampler, "set_epoch", lambda _: None)(epoch)  # as Lightning does: new crops and flips
+            batches += list(loader)
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
         stats.append((x.mean().item(), x.std().item(), (x == x.min()).float().mean().item()))
+        row_shift, flipped = square_offsets(x, y, dm)
+        # A random horizontal flip mirrors about half of the images.
+        assert 0.43 < flipped.float().mean().item() < 0.57
+        # A random crop of 4 pixels of padding moves each image by -4..4 rows, each about equally often.
+        share = torch.stack([(row_shift == s).float().mean() for s in range(-4, 5)])
+        assert share.sum().item() == pytest.approx(1.0) and share.min().item() > 0.06 and share.max().item() < 0.17
+        shifts.append(share)
     (m1, s1, z1), (m2, s2, z2) = stats
     assert abs(m1 - m2) < 0.02 and abs(s1 - s2) < 0.02 and abs(z1 - z2) < 0.01  # z: share of zero-padded pixels
+    assert (shifts[0] - shifts[1]).abs().max().item() < 0.05
 
 
 def test_batch_crop_matches_a_per_image_crop_of_the_padded_image():

@@ -1,6 +1,7 @@
 """Distributed data parallel on CPU (gloo): two processes launched by Lightning, and two torchrun "nodes"."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from hydra.utils import instantiate
 
 from cnnlab.classifier import ImageClassifier
 from tests.conftest import REPO, make_mnist
+from tests.test_run_semantics import SOURCES
 
 TRAIN = str(REPO / "scripts" / "train.py")
 TWO_EPOCHS = [
@@ -52,6 +54,8 @@ def test_two_process_ddp_writes_one_run_dir_and_a_checkpoint_one_process_loads(o
     ]  # fmt: skip
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["global_batch_size"] == 64 and metrics["global_step"] == 8  # 4 steps of 2 x 32 images per epoch
+    # images per second of training count both processes' images
+    assert metrics["train_images_per_second"] == pytest.approx(8 * 64 / metrics["train_seconds"], rel=0.01)
 
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     classifier = ImageClassifier(**ckpt["hyper_parameters"])
@@ -102,7 +106,14 @@ def test_torchrun_two_single_process_nodes_on_loopback_write_one_metrics_json(od
     assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("**/metrics.json")] == ["run/metrics.json"]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["global_batch_size"] == 64 and metrics["epochs"] == 2
-    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
+    # Lightning's DistributedSampler pads the 201 test images to 202 by repeating the first (the second rank's shard
+    # ends with image 0): the test stage scores image 0 twice.
+    from tests.test_evaluate import checkpoint_logits
+
+    logits, labels = checkpoint_logits(tmp_path / "run" / "checkpoints" / "best.ckpt")
+    correct = (logits.argmax(1) == labels).tolist()
+    assert len(correct) == 201 and sum(correct) < 201  # so counting image 0 twice changes the score
+    assert metrics["test_acc"] == pytest.approx((sum(correct) + correct[0]) / 202, abs=1e-6)
 
 
 def test_sweep_with_a_ddp_trainer_is_refused_before_any_run(tmp_path):
@@ -128,3 +139,33 @@ def test_evaluation_shards_hold_every_sample_exactly_once(world_size):
     assert [len(EpochSampler(201, False, rank=r, world_size=world_size, pad=False)) for r in range(world_size)] == [
         len(s) for s in shards
     ]
+
+
+@pytest.fixture(scope="module")
+def submitit_plugin(tmp_path_factory) -> Path:
+    """Hydra's submitit launcher plugin (the `slurm` extra), installed into a folder of its own for these tests."""
+    target = tmp_path_factory.mktemp("submitit")
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+               "hydra-submitit-launcher>=1.2", "submitit"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"installing the slurm extra's plugin failed: {result.stderr[-3000:]}"
+    return target
+
+
+@pytest.mark.parametrize("launcher", ["submitit_slurm", "slurm_ddp"])
+def test_the_slurm_launcher_configs_compose_with_the_plugin_installed(submitit_plugin, tmp_path, launcher):
+    import yaml
+
+    args = [f"hydra/launcher={launcher}", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+            "hydra.launcher.partition=gpu", "--cfg", "all", "--resolve"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(submitit_plugin), SOURCES])}
+    result = subprocess.run([sys.executable, TRAIN, *args], cwd=tmp_path, capture_output=True, text=True, env=env,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load(result.stdout)
+    slurm = config["hydra"]["launcher"]
+    assert slurm["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert slurm["partition"] == "gpu" and config["trainer"]["num_nodes"] == 2
+    if launcher == "slurm_ddp":  # each job sized from the trainer: 2 nodes x 4 processes, one GPU each
+        assert (slurm["nodes"], slurm["tasks_per_node"], slurm["gpus_per_node"]) == (2, 4, 4)
+    assert not list(tmp_path.iterdir())  # printing the config starts nothing

@@ -24,6 +24,21 @@ from tests.checkpoint_helpers import (
 from tests.conftest import CIFAR_CLASSES, compose_config, make_mnist
 
 
+def checkpoint_logits(path, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """The checkpoint's logits for every image of a split of its own data, computed here without evaluate()."""
+    from hydra.utils import instantiate
+
+    from cnnlab.checkpoints import classifier_from_checkpoint
+
+    ckpt = load_checkpoint(path)
+    datamodule = instantiate(ckpt["hyper_parameters"]["data"])
+    datamodule.setup()
+    images, labels = datamodule.splits[split]
+    with torch.inference_mode():
+        logits = classifier_from_checkpoint(ckpt).predict_logits(datamodule.batch_transform(augment=False)(images))
+    return logits, labels
+
+
 def eval_config(tmp_path, *overrides):
     return compose_config(list(overrides), tmp_path, config_name="eval")
 
@@ -42,8 +57,7 @@ def evaluated(trained, tmp_path_factory):
 
 
 def test_eval_reproduces_train_test_accuracy(trained, evaluated):
-    (run_dir, train_metrics), (_, metrics) = trained, evaluated
-    assert train_metrics["test_acc"] == json.loads((run_dir / "metrics.json").read_text())["test_acc"]
+    (run_dir, _), (_, metrics) = trained, evaluated
     written = json.loads((run_dir / "metrics.json").read_text())
     assert 0.3 < written["test_acc"] < 1.0  # a score where a wrongly rebuilt model or data path would show
     assert abs(metrics["test_acc"] - written["test_acc"]) <= 1e-6
@@ -66,11 +80,17 @@ def test_metrics_json_holds_top5_per_class_scores_and_the_checkpoint_hash(traine
     assert written["checkpoint"] == str(best)
     assert written["checkpoint_sha256"] == hashlib.sha256(best.read_bytes()).hexdigest()
     assert written["samples"] == 200 and written["split"] == "test"
-    assert written["test_acc"] <= written["test_top5_acc"] <= 1.0
+    logits, labels = checkpoint_logits(best)
+    assert (logits.argmax(1) == labels).float().mean().item() == pytest.approx(written["test_acc"], abs=1e-6)
+    in_top5 = (logits.topk(5, dim=1).indices == labels[:, None]).any(dim=1)
+    assert in_top5.float().mean().item() == pytest.approx(written["test_top5_acc"], abs=1e-6)
+    assert written["test_acc"] < written["test_top5_acc"]  # some errors have the right class among the next four
     assert set(written["test_precision"]) == set(written["test_recall"]) == {str(i) for i in range(10)}
     recall = np.array(list(written["test_recall"].values()))
     assert recall.mean() == pytest.approx(written["test_acc"], abs=1e-6)  # 20 test images per class
-    assert 0.0 < written["test_macro_f1"] <= 1.0
+    precision = np.array(list(written["test_precision"].values()))
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    assert f1.mean() == pytest.approx(written["test_macro_f1"], abs=1e-6)  # macro: the mean of per-class F1
 
 
 def test_report_pngs_are_real_images(evaluated):
@@ -120,6 +140,55 @@ def test_data_overrides_replace_the_stored_data_config(trained, tmp_path):
         )
     )
     assert metrics["samples"] == 50
+
+
+def test_eval_data_keys_replace_the_stored_loader_workers_and_download(trained, tmp_path, monkeypatch):
+    import cnnlab.evaluate as evaluate_module
+
+    built, loaders = [], []
+    build, score = evaluate_module.build_datamodule, evaluate_module.logits_and_labels
+
+    def recording_build(*args):
+        built.append(build(*args))
+        return built[-1]
+
+    def recording_score(classifier, loader, *args):
+        loaders.append(loader)
+        return score(classifier, loader, *args)
+
+    monkeypatch.setattr(evaluate_module, "build_datamodule", recording_build)
+    monkeypatch.setattr(evaluate_module, "logits_and_labels", recording_score)
+    best = f"ckpt_path={trained[0]}/checkpoints/best.ckpt"
+    stored = evaluate(eval_config(tmp_path / "stored", best))
+    replaced = evaluate(eval_config(tmp_path / "replaced", best, "data.loader=torchvision", "data.num_workers=1",
+                                    "data.download=true"))  # fmt: skip
+    assert [(d.loader, d.num_workers, d.download) for d in built] == [("tensor", 0, False), ("torchvision", 1, True)]
+    assert isinstance(loaders[1], torch.utils.data.DataLoader) and loaders[1].num_workers == 1
+    assert replaced["test_acc"] == pytest.approx(stored["test_acc"], abs=1e-6)  # the same images, another path
+
+
+def test_misclassified_figure_shows_the_24_errors_the_model_was_surest_of(trained, tmp_path, monkeypatch):
+    import cnnlab.figures as figures
+
+    shown = {}
+    draw = figures.misclassified_figure
+
+    def recording_draw(*errors, **kwargs):
+        shown["errors"] = errors
+        return draw(*errors, **kwargs)
+
+    monkeypatch.setattr(figures, "misclassified_figure", recording_draw)
+    best = trained[0] / "checkpoints" / "best.ckpt"
+    evaluate(eval_config(tmp_path, f"ckpt_path={best}"))
+    images, true, predicted, confidence = shown["errors"]
+    logits, labels = checkpoint_logits(best)
+    surest, guess = logits.softmax(dim=1).max(dim=1)
+    wrong = (guess != labels).nonzero().flatten()
+    assert len(wrong) > 24  # more errors than the figure has room for
+    top = wrong[surest[wrong].argsort(descending=True)][:24]
+    assert confidence == pytest.approx(surest[top].tolist(), abs=1e-6)
+    assert true == [str(int(i)) for i in labels[top]] and predicted == [str(int(i)) for i in guess[top]]
+    assert len(images) == 24
 
 
 def test_several_checkpoints_are_ranked_in_one_table(trained, tmp_path):
@@ -218,6 +287,8 @@ def test_data_that_does_not_fit_the_model_is_refused_before_any_output(trained, 
     assert str(raw) in str(err.value) or str(wrong_size) in str(err.value)
     with pytest.raises(UserError, match="does not fit the model"):
         evaluate(eval_config(eval_dir, best, "+data.image_shape=[3,32,32]"))
+    with pytest.raises(UserError, match=r"data.num_classes=7 does not fit the model .* num_classes=10"):
+        evaluate(eval_config(eval_dir, best, "+data.num_classes=7"))
     assert not eval_dir.exists() or not any(eval_dir.iterdir())
 
 

@@ -331,17 +331,30 @@ def test_unfold_conv_rejects_arguments_conv2d_rejects(kwargs: dict, message: str
         UnfoldConv2d(3, 8, 3, **kwargs)
 
 
-def test_fold_with_a_1x1_kernel_is_the_final_reshape_of_im2col() -> None:
-    out_columns = torch.randn(2, 6, 5 * 4, dtype=torch.float64)  # (B, O, L) from the matmul
-    folded = F.fold(out_columns, output_size=(5, 4), kernel_size=1)
-    assert torch.equal(folded, out_columns.view(2, 6, 5, 4))
+def test_fold_with_a_1x1_kernel_is_the_last_step_of_unfold_conv() -> None:
+    conv = UnfoldConv2d(3, 6, (3, 2), stride=(2, 1), padding=1).double()
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64)
+    h_out, w_out = conv_output_size((9, 7), (3, 2), (2, 1), 1)
+    columns = F.unfold(x, (3, 2), padding=1, stride=(2, 1))  # (B, C*kh*kw, L)
+    out_columns = conv.weight.view(6, -1) @ columns + conv.bias.view(1, 6, 1)  # (B, O, L)
+    # The layer's last step, the reshape of (B, O, L) to (B, O, H_out, W_out), is F.fold with a 1x1 kernel.
+    expected = F.fold(out_columns, output_size=(h_out, w_out), kernel_size=1)
+    torch.testing.assert_close(conv(x), expected, **TOL64)
 
 
-def test_fold_of_unfold_multiplies_each_pixel_by_the_number_of_windows_covering_it() -> None:
+def test_fold_of_unfold_counts_the_windows_conv_output_size_says_cover_each_pixel() -> None:
     x = torch.randn(1, 2, 6, 7, dtype=torch.float64)
     window = {"kernel_size": 3, "padding": 1, "stride": 2}
     counts = F.fold(F.unfold(torch.ones_like(x), **window), x.shape[-2:], **window)
     torch.testing.assert_close(F.fold(F.unfold(x, **window), x.shape[-2:], **window), x * counts, **TOL64)
+    # Along each axis, window j of the conv_output_size(n, 3, 2, 1) windows covers input positions 2j - 1 .. 2j + 1.
+    per_axis = []
+    for n in x.shape[-2:]:
+        covering = torch.zeros(n, dtype=torch.float64)
+        for j in range(conv_output_size(n, 3, 2, 1)):
+            covering[max(2 * j - 1, 0) : 2 * j + 2] += 1
+        per_axis.append(covering)
+    torch.testing.assert_close(counts[0, 0], per_axis[0][:, None] * per_axis[1][None, :], **TOL64)
     assert counts.max() == 4  # a pixel at odd row and column is shared by 2 windows in each direction
 
 
@@ -353,17 +366,27 @@ def test_stride2_conv_then_transposed_conv_with_output_size_restores_the_input_s
     down = nn.Conv2d(3, 4, 3, stride=2, padding=1)
     up = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1)
     x = torch.randn(1, 3, *size)
-    assert up(down(x), output_size=x.shape[-2:]).shape == x.shape
+    y = down(x)
+    assert y.shape[-2:] == conv_output_size(size, 3, 2, 1)
+    # output_size= picks the output_padding that conv_transpose_output_size needs to give the input size back.
+    padding = tuple(n - conv_transpose_output_size(m, 3, 2, 1) for n, m in zip(size, y.shape[-2:]))
+    assert set(padding) <= {0, 1} and conv_transpose_output_size(tuple(y.shape[-2:]), 3, 2, 1, padding) == size
+    assert up(y, output_size=x.shape[-2:]).shape == x.shape
 
 
 def test_transposed_conv_without_output_size_cannot_tell_odd_from_even_sizes() -> None:
     # 7 and 8 both become 4 after the stride-2 conv, so the transposed conv alone maps both back to 7.
     assert conv_output_size(7, 3, 2, 1) == conv_output_size(8, 3, 2, 1) == 4
+    assert conv_transpose_output_size(4, 3, 2, 1) == 7
     up = nn.ConvTranspose2d(1, 1, 3, stride=2, padding=1)
     assert up(torch.zeros(1, 1, 4, 4)).shape[-2:] == (7, 7)
 
 
 @pytest.mark.parametrize("mode", ["nearest", "bilinear"])
-def test_interpolate_with_scale_factor_2_doubles_the_size(mode: str) -> None:
+def test_interpolate_with_scale_factor_2_doubles_the_size_as_a_2x2_stride_2_transposed_conv_does(mode: str) -> None:
     x = torch.randn(2, 3, 7, 8)
-    assert F.interpolate(x, scale_factor=2, mode=mode).shape == (2, 3, 14, 16)
+    up = F.interpolate(x, scale_factor=2, mode=mode)
+    assert up.shape == (2, 3, *conv_transpose_output_size((7, 8), 2, 2)) == (2, 3, 14, 16)
+    if mode == "nearest":  # nearest upsampling copies each pixel into a 2x2 block: a transposed conv of ones
+        ones = torch.ones(3, 1, 2, 2)
+        torch.testing.assert_close(up, F.conv_transpose2d(x, ones, stride=2, groups=3))

@@ -6,6 +6,7 @@ Each test runs the default callbacks and schedules unchanged; only sizes that ti
 
 import errno
 import json
+import math
 import os
 import shutil
 import signal
@@ -124,6 +125,56 @@ def test_extending_a_finished_run_continues_the_schedule_planned_over_the_new_le
     for step in range(33, 48):
         assert lr[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-9), step
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["global_step"] == 48
+
+
+# --- the shipped schedules and optimizers ---------------------------------------------------------------------
+def logged_rates(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every learning-rate tag in the run's TensorBoard files, with its values by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = [tag for tag in events.Tags()["scalars"] if tag.startswith("lr")]
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in tags}
+
+
+def test_a_one_cycle_run_peaks_at_optimizer_lr_and_ends_at_its_final_rate_on_its_last_step(tiny_data, tmp_path):
+    overrides = [*fast_overrides(tiny_data), "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "test=false"]
+    train(compose_config([*overrides, "optimizer.lr=0.07"], tmp_path))
+    lr = logged_rates(tmp_path)["lr"]
+    assert sorted(lr) == list(range(32))  # one rate per step of 2 epochs of 16 steps: the cycle spans the run
+    assert lr[0] == pytest.approx(0.07 / 25, rel=1e-6)  # div_factor 25
+    peak = max(lr, key=lr.get)
+    assert peak == 7 and lr[peak] == pytest.approx(0.07, rel=1e-6)  # pct_start 0.25 of 32 steps: up for 8 updates
+    assert lr[31] == pytest.approx(0.07 / 25 / 1e4, rel=1e-4)  # final_div_factor 1e4, reached on the last update
+    assert all(lr[k] > lr[k + 1] for k in range(7, 31))
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "scheduler", "tag"),
+    [("adamw", "cosine", "lr"), ("sgd", "none", "lr-SGD"), ("adamw", "none", "lr-AdamW")],
+)
+def test_the_shipped_optimizers_and_schedules_train_and_log_their_rate(tiny_data, tmp_path, optimizer, scheduler, tag):
+    overrides = [*fast_overrides(tiny_data), f"optimizer={optimizer}", f"scheduler={scheduler}", "test=false"]
+    cfg = compose_config([*overrides, "trainer.max_epochs=2", "trainer.log_every_n_steps=1"], tmp_path)
+    metrics = train(cfg)
+    assert metrics["val_acc_best"] > 0.3  # it learns (chance: 0.1)
+    rates = logged_rates(tmp_path)
+    assert list(rates) == [tag]  # with scheduler=none the rate is named after the optimizer's class
+    peak, lr = cfg.optimizer.lr, rates[tag]
+    assert sorted(lr) == list(range(32))
+    if scheduler == "none":
+        assert all(value == pytest.approx(peak) for value in lr.values())
+    else:  # cosine annealing from optimizer.lr to eta_min=0 over the 32 steps of the run
+        for step, value in lr.items():
+            assert value == pytest.approx(peak * (1 + math.cos(math.pi * step / 32)) / 2, rel=1e-5, abs=1e-9), step
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    (group,) = state["optimizer_states"][0]["param_groups"]
+    moments = next(iter(state["optimizer_states"][0]["state"].values()))
+    if optimizer == "adamw":  # AdamW's own state: two moment estimates per parameter, decoupled weight decay 0.01
+        assert {"exp_avg", "exp_avg_sq"} <= set(moments) and group["weight_decay"] == 0.01
+    else:
+        assert set(moments) == {"momentum_buffer"} and group["nesterov"] is True
 
 
 # --- one evaluation path: EMA and TTA ---------------------------------------------------------------------------

@@ -3,12 +3,15 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
 
 from cnnlab.train import build_classifier, train
-from tests.conftest import DATASETS, MODELS, compose_config, fast_overrides
+from tests.conftest import DATASETS, MODELS, compose_config, fast_overrides, make_cifar, make_mnist
 
 
 @pytest.mark.parametrize("data", DATASETS)
@@ -16,7 +19,8 @@ from tests.conftest import DATASETS, MODELS, compose_config, fast_overrides
 def test_fast_dev_run_passes_for_every_model_and_data_pair(tiny_data, tmp_path, model, data):
     cfg = compose_config([*fast_overrides(tiny_data, model, data), "trainer.fast_dev_run=true"], tmp_path)
     metrics = train(cfg)
-    assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["global_step"] == 1
+    # One training step, and one test batch of data.eval_batch_size=64 images scored (200 would give other fractions).
+    assert metrics["global_step"] == 1 and (metrics["test_acc"] * 64).is_integer()
 
 
 @pytest.fixture(scope="module")
@@ -32,20 +36,69 @@ def test_a_run_learns_the_tiny_dataset(finished_run):
 
 
 def test_run_directory_holds_checkpoints_metrics_and_event_files(finished_run):
-    run_dir, metrics = finished_run
-    assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = finished_run
     written = json.loads((run_dir / "metrics.json").read_text())
-    assert written == pytest.approx(metrics)
     assert {"test_acc", "test_loss", "val_acc_best", "epochs", "train_seconds"} <= set(written)
-    assert written["epochs"] == 3
+    assert written["epochs"] == 3 and written["global_step"] == 3 * 16  # 500 training images in batches of 32
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    val_acc = [e.value for e in events.Scalars("val/acc")]
+    assert len(val_acc) == 3 and written["val_acc_best"] == pytest.approx(max(val_acc))
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == val_acc.index(max(val_acc)) and last["global_step"] == 48
 
 
 def test_env_record_names_versions_seed_and_data_checksums(finished_run):
     run_dir, _ = finished_run
     env = json.loads((run_dir / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["seed"] == 42
+    import cnnlab.run_record
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(cnnlab.run_record.__file__).parent,
+                          capture_output=True, text=True)  # fmt: skip
+    assert env["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)  # this checkout's commit
     assert len(env["data_files_sha256"]) == 4 and all(len(v) == 64 for v in env["data_files_sha256"].values())
+
+
+def test_env_record_names_the_git_commit_and_whether_the_checkout_had_uncommitted_changes(tmp_path, monkeypatch):
+    import cnnlab.run_record as run_record
+
+    checkout = tmp_path / "checkout"
+    (checkout / "cnnlab").mkdir(parents=True)
+    (checkout / "cnnlab" / "run_record.py").write_text("")
+
+    def git(*args: str) -> str:
+        command = ["git", "-c", "user.name=cnnlab", "-c", "user.email=cnnlab@example.com", *args]
+        return subprocess.run(command, cwd=checkout, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    monkeypatch.setattr(run_record, "__file__", str(checkout / "cnnlab" / "run_record.py"))  # where it looks
+    env = run_record.environment(0, False, {})
+    assert env["git_commit"] == git("rev-parse", "HEAD") and env["git_dirty"] is False
+    (checkout / "cnnlab" / "edited.py").write_text("")
+    assert run_record.environment(0, False, {})["git_dirty"] is True
+    monkeypatch.setattr(run_record, "__file__", str(tmp_path / "no_git" / "run_record.py"))
+    assert run_record.environment(0, False, {})["git_commit"] is None
+
+
+def test_env_record_states_the_device_and_the_determinism_the_run_had(tiny_data, tmp_path, monkeypatch):
+    import platform
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what Lightning sets for deterministic=true; restored
+    cfg = compose_config([*fast_overrides(tiny_data), "trainer.fast_dev_run=true", "trainer.deterministic=true"],
+                         tmp_path)  # fmt: skip
+    try:
+        train(cfg)
+    finally:
+        torch.use_deterministic_algorithms(False)  # Lightning turned it on for this whole process
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["deterministic"] is True and env["deterministic_algorithms"] is True
+    assert env["device"] == (platform.processor() or platform.machine()) and env["cudnn"] is None  # the CPU
 
 
 def test_checkpoints_load_with_weights_only_and_hold_plain_hyperparameters(finished_run):
@@ -105,22 +158,74 @@ def test_flip_test_time_augmentation_averages_an_image_and_its_mirror(tiny_data,
         assert torch.allclose(classifier.predict_logits(x), classifier.predict_logits(x.flip(3)), atol=1e-6)
 
 
-def test_cifar10_fast_recipe_runs_with_ema_weights_on_cpu(tiny_data, tmp_path):
-    overrides = [
-        *fast_overrides(tiny_data, "resnet9", "cifar10"),
-        "experiment=cifar10_fast",
-        "trainer=cpu",
+@pytest.fixture(scope="module")
+def full_split_data(tmp_path_factory):
+    """MNIST and CIFAR-10 with a few more training images than the shipped data.val_size=5000 holds out."""
+    root = tmp_path_factory.mktemp("full_split")
+    make_mnist(root, n_train=5600, n_test=200)  # 600 training images after the split
+    make_cifar(root, n_train=5100, n_test=100)  # 100 training images after the split
+    return root
+
+
+class RecordWeights(Callback):
+    """The trained (raw) weights after every optimizer step, by global step."""
+
+    def __init__(self):
+        self.after_step: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.after_step[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+# The CIFAR recipes' full batches take tens of seconds per step on a CPU: they train a few small batches, enough for
+# cifar10_fast's EMA (an update every 5 steps) to update twice.
+def cifar_limits(steps: int) -> list[str]:
+    return [
         "trainer.max_epochs=1",
-        "trainer.limit_train_batches=3",
+        f"trainer.limit_train_batches={steps}",
         "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1",
-        "data.batch_size=16",
-        "callbacks.ema.update_every_n_steps=1",
+        "data.batch_size=8",
+        "data.eval_batch_size=16",
     ]
-    cfg = compose_config(overrides, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("experiment", "limits", "steps"),
+    [
+        ("lenet5_mnist", [], 8 * 5),  # 8 epochs of 600 images in batches of 128
+        ("mnist_fast", [], 3 * 5),
+        ("resnet18_cifar10", cifar_limits(2), 2),
+        ("cifar10_fast", cifar_limits(6), 6),
+    ],
+)
+def test_every_shipped_experiment_trains_as_shipped_on_cpu(full_split_data, tmp_path, experiment, limits, steps):
+    cfg = compose_config([f"experiment={experiment}", "trainer=cpu", f"data.data_dir={full_split_data}", *limits],
+                         tmp_path)  # fmt: skip
+    weights = RecordWeights()
+    metrics = train(cfg, extra_callbacks=[weights])
+    assert metrics["status"] == "finished" and metrics["global_step"] == steps
+    assert metrics["epochs"] == cfg.trainer.max_epochs
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == steps
+    assert last["hyper_parameters"]["model"] == OmegaConf.to_container(cfg.model, resolve=True)
+    if experiment.startswith("mnist") or experiment.startswith("lenet5"):
+        assert metrics["test_acc"] > 0.9  # the tiny digits' patterns are learnt in full
+    if experiment != "cifar10_fast":
+        assert all(torch.equal(last["state_dict"][k], v) for k, v in weights.after_step[steps].items())
+        return
+    # The recipe's EMA, as shipped (an update every 5 steps, warm-up 10): the average took the weights after step 1
+    # (update 0 copies them), then after step 6 with decay min(0.99, 2 / 11). Checkpoints hold that average, and the
+    # raw weights beside it.
     assert cfg.trainer.precision == "bf16-mixed" and cfg.tta_flip
-    metrics = train(cfg)
-    assert metrics["global_step"] == 3 and 0 <= metrics["test_acc"] <= 1
+    first, sixth = weights.after_step[1], weights.after_step[6]
+    for key, value in last["state_dict"].items():
+        if value.is_floating_point():
+            assert torch.equal(value, first[key].lerp(sixth[key], 1 - 2 / 11)), key
+        else:  # BatchNorm's step counters are copied
+            assert torch.equal(value, sixth[key]), key
+    assert all(torch.equal(last["current_model_state"][k], v) for k, v in sixth.items())
+    assert not torch.equal(last["state_dict"]["model.fc.weight"], sixth["model.fc.weight"])
 
 
 def test_progress_bar_reads_metrics_only_every_refresh_rate_steps(tiny_data, tmp_path, monkeypatch):
