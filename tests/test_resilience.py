@@ -467,28 +467,75 @@ BAD_INPUTS = [
     (["ckpt_path=missing.ckpt"], "ckpt_path"),
     (["ckpt_path=hostile.ckpt"], "ckpt_path"),
     (["ckpt_path=resnet8.ckpt"], "ckpt_path"),
-    (["resume=not_a_run"], "resume"),
-    (["model=lenet6"], "lenet5"),
+    (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.sync_batchnorm=true"], "sync_batchnorm"),
     # asking for a GPU is only a mistake where there is none (always so in CI)
     *([(["trainer.accelerator=gpu"], "trainer=gpu")] if not torch.cuda.is_available() else []),
 ]
 
 
-@pytest.mark.parametrize(("overrides", "key"), BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
-def test_bad_input_is_refused_with_one_paragraph_and_leaves_no_run_folder(
-    mnist_dir, resnet8_checkpoint, tmp_path, overrides, key
-):
-    marker = tmp_path / "marker"
-    torch.save({"state_dict": Hostile(marker)}, tmp_path / "hostile.ckpt")
+@pytest.fixture
+def bad_input_folder(mnist_dir, resnet8_checkpoint, tmp_path, monkeypatch) -> Path:
+    """A working directory holding a hostile checkpoint (its unpickling would create `marker`) and a ResNet-8 one."""
+    torch.save({"state_dict": Hostile(tmp_path / "marker")}, tmp_path / "hostile.ckpt")
     (tmp_path / "resnet8.ckpt").write_bytes(resnet8_checkpoint.read_bytes())
+    monkeypatch.chdir(tmp_path)  # relative paths in the overrides, as typed in a shell
+    return tmp_path
+
+
+def bad_run(mnist_dir: Path, overrides: list[str]) -> list[str]:
     base = [a for a in quick(mnist_dir) if not a.startswith("data.data_dir=")]
     data_dir = [] if any(o.startswith("data.data_dir") for o in overrides) else [f"data.data_dir={mnist_dir}"]
-    result = finish([*base, *data_dir, *overrides], tmp_path)
-    assert result.returncode != 0 if key == "lenet5" else result.returncode == 2, result.stderr[-3000:]
+    return [*base, *data_dir, *overrides]
+
+
+@pytest.mark.parametrize(("overrides", "key"), BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_input_is_refused_with_one_paragraph_and_leaves_no_run_folder(
+    mnist_dir, bad_input_folder, capsys, overrides, key
+):
+    """The command's own error path (cnnlab.cli.run_reporting_user_errors) in this process, on the folder that Hydra
+    would have made; test_bad_input_on_the_command_line runs a few of these through scripts/train.py."""
+    from cnnlab.cli import run_reporting_user_errors
+
+    outputs = bad_input_folder / "outputs"
+    run_dir = outputs / "train" / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    own_outputs = not any(o.startswith("paths.output_dir=") for o in overrides)
+    cfg = compose_config([*bad_run(mnist_dir, overrides), *[f"paths.output_dir={outputs}"] * own_outputs], run_dir)
+    with pytest.raises(SystemExit) as stopped:
+        run_reporting_user_errors(train, cfg)
+    stderr = capsys.readouterr().err
+    assert stopped.value.code == 2, stderr
+    assert re.fullmatch(r"\nError: [^\n]+\n\n", stderr), stderr  # one paragraph, nothing else
+    assert key in stderr
+    assert not (outputs if own_outputs else run_dir).exists()  # the run folder is gone, and the folders it empties
+    assert not (bad_input_folder / "marker").exists()  # the hostile checkpoint's code never ran
+
+
+def test_a_missing_run_folder_to_resume_is_refused_naming_it(tmp_path):
+    from cnnlab.errors import UserError
+
+    with pytest.raises(UserError, match="resume=not_a_run"):
+        resume_arguments(["resume=not_a_run"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "code"),
+    [
+        (["optimizer.lr=0"], "optimizer.lr", 2),
+        (["ckpt_path=hostile.ckpt"], "ckpt_path", 2),
+        (["model=lenet6"], "lenet5", 1),  # Hydra's own error, before any cnnlab code runs
+    ],
+    ids=["config value", "hostile checkpoint", "unknown config group option"],
+)
+def test_bad_input_on_the_command_line_exits_without_a_traceback_and_leaves_no_run_folder(
+    mnist_dir, bad_input_folder, overrides, key, code
+):
+    result = finish(bad_run(mnist_dir, overrides), bad_input_folder)
+    assert result.returncode == code, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert key in result.stderr, result.stderr[-3000:]
-    assert not (tmp_path / "outputs").exists()  # the run folder Hydra made is gone again
-    assert not marker.exists()  # the hostile checkpoint's code never ran
+    assert not (bad_input_folder / "outputs").exists()  # the run folder Hydra made is gone again
+    assert not (bad_input_folder / "marker").exists()
 
 
 def test_the_trainer_has_no_profiler_unless_one_is_asked_for(tiny_data, tmp_path):
