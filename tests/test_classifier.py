@@ -144,29 +144,3 @@ def test_training_sums_agree_with_torchmetrics_mean_and_accuracy_and_reset_each_
     sums.reset()
     sums.update(torch.tensor(2.0), torch.eye(10)[:4], torch.tensor([0, 1, 2, 9]))
     assert sums.compute()["loss"].item() == 2.0 and sums.compute()["acc"].item() == 0.75
-
-
-def test_the_classifier_skips_module_checks_only_for_lightnings_hook_name(tiny_data, tmp_path, monkeypatch):
-    classifier, dm, trainer = setup_run(tiny_data, tmp_path, model="lenet5")
-    checked: list[str] = []  # attribute names that went through nn.Module's parameter/buffer/submodule checks
-    module_setattr = torch.nn.Module.__setattr__
-
-    def recording_setattr(self, name, value):
-        checked.append(name)
-        module_setattr(self, name, value)
-
-    monkeypatch.setattr(torch.nn.Module, "__setattr__", recording_setattr)
-    hook_names: list[str] = []
-
-    class RecordHookName(Callback):
-        def on_train_batch_end(self, trainer, pl_module, *args):
-            hook_names.append(pl_module._current_fx_name)
-
-    trainer.callbacks.append(RecordHookName())
-    trainer.fit(classifier, datamodule=dm)
-    # Lightning still names the running hook through this attribute (the skip has something to skip) ...
-    assert hook_names == ["on_train_batch_end"] * 3
-    # ... and the classifier sets it without nn.Module's checks, while every other attribute still gets them.
-    assert "_current_fx_name" not in checked
-    classifier.extra = torch.nn.Linear(2, 2)
-    assert "extra" in checked and "extra.weight" in dict(classifier.named_parameters())

@@ -538,11 +538,11 @@ def test_bad_input_on_the_command_line_exits_without_a_traceback_and_leaves_no_r
     assert not (bad_input_folder / "marker").exists()
 
 
-def test_the_trainer_has_no_profiler_unless_one_is_asked_for(tiny_data, tmp_path):
-    from lightning.pytorch.profilers import SimpleProfiler
+def test_the_trainer_profiles_only_when_asked(tiny_data, tmp_path):
+    from lightning.pytorch.profilers import PassThroughProfiler, SimpleProfiler
 
-    from cnnlab.train import NoProfiler, build_trainer
+    from cnnlab.train import build_trainer
 
-    assert isinstance(build_trainer(compose_config(fast_overrides(tiny_data), tmp_path)).profiler, NoProfiler)
+    assert type(build_trainer(compose_config(fast_overrides(tiny_data), tmp_path)).profiler) is PassThroughProfiler
     cfg = compose_config([*fast_overrides(tiny_data), "trainer.profiler=simple"], tmp_path)
     assert isinstance(build_trainer(cfg).profiler, SimpleProfiler)

@@ -166,14 +166,6 @@ class ImageClassifier(L.LightningModule):
         # of any size, so one compiled graph serves the full batches and the smaller last one alike.
         self.dynamic_eval_batch = False
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets _current_fx_name before and after every hook it calls, some fifty times per step. It is a
-        # plain string, so nn.Module's checks for parameters, buffers and submodules (1.3 us each) can be skipped.
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
-
     def forward(self, x: Tensor) -> Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

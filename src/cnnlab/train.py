@@ -1,6 +1,5 @@
 """train(cfg): build data, model and Trainer from a composed config, fit, test, and write the run directory."""
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -9,7 +8,6 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.profilers import PassThroughProfiler
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
@@ -82,19 +80,6 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     return instantiate(cfg.data, drop_last=bool(cfg.data.get("drop_last") or cfg.compile.enabled))
 
 
-class NoProfiler(PassThroughProfiler):
-    """Lightning's default do-nothing profiler, minus the cost of doing nothing.
-
-    The Trainer wraps each of the ~70 hook calls of a training step in `profiler.profile(name)`; the default's is a
-    generator-based context manager (about 1 us per call). This one hands back one shared null context (0.24 us).
-    """
-
-    _null = contextlib.nullcontext()
-
-    def profile(self, action_name: str) -> contextlib.nullcontext:
-        return self._null
-
-
 def build_trainer(
     cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, resume_step: int | None = None
 ) -> L.Trainer:
@@ -109,7 +94,7 @@ def build_trainer(
         if lg is not None:
             tensorboard = resume_step is not None and lg._target_.endswith("TensorBoardLogger")
             loggers.append(instantiate(lg, purge_step=resume_step) if tensorboard else instantiate(lg))
-    overrides: dict[str, Any] = {} if cfg.trainer.get("profiler") else {"profiler": NoProfiler()}
+    overrides: dict[str, Any] = {}
     if cfg.trainer.get("deterministic") and cfg.trainer.get("benchmark"):
         # cuDNN autotuning times the candidate algorithms, so another process may pick another (deterministic) one
         # and get other numbers: a deterministic run goes without it (trainer=gpu turns it on).
