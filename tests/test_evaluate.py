@@ -14,14 +14,9 @@ from cnnlab.checkpoints import load_checkpoint
 from cnnlab.errors import UserError
 from cnnlab.evaluate import evaluate, resolve_checkpoints
 from cnnlab.figures import confusion_matrix_figure, misclassified_figure
-from tests.checkpoint_helpers import (
-    EXPECTED_MESSAGE,
-    bad_files,
-    run_script,
-    train_briefly,
-    write_hostile_checkpoint,
-)
+from tests.checkpoint_helpers import EXPECTED_MESSAGE, bad_files, train_briefly, write_hostile_checkpoint
 from tests.conftest import CIFAR_CLASSES, compose_config, make_mnist
+from tests.launch import run_script, tensorboard_events
 
 
 def checkpoint_logits(path, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,11 +113,8 @@ def test_misclassified_grid_titles_each_image_with_true_and_predicted_class():
 
 
 def test_eval_writes_figures_and_numbers_to_tensorboard(evaluated):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     eval_dir, metrics = evaluated
-    events = EventAccumulator(str(eval_dir / "tensorboard"), size_guidance={"images": 0})
-    events.Reload()
+    events = tensorboard_events(eval_dir)
     assert {"test/confusion_matrix", "test/misclassified"} <= set(events.Tags()["images"])
     assert events.Scalars("test/acc")[-1].value == pytest.approx(metrics["test_acc"])
     assert "test/precision/3" in events.Tags()["scalars"]

@@ -19,8 +19,9 @@ from cnnlab.errors import UserError
 from cnnlab.evaluate import logits_and_labels
 from cnnlab.export import export
 from cnnlab.predict import load_image, predict, progress_bar
-from tests.checkpoint_helpers import run_script, save_untrained_checkpoint, train_briefly
+from tests.checkpoint_helpers import save_untrained_checkpoint, train_briefly
 from tests.conftest import CIFAR_CLASSES, compose_config
+from tests.launch import run_script
 
 COUNT = 20
 
