@@ -1,15 +1,12 @@
 """Checkpoints for the eval, predict and export tests: briefly trained, untrained, foreign, damaged and hostile."""
 
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import torch
 
 from cnnlab.train import build_classifier, train
-from tests.conftest import REPO, compose_config, fast_overrides
+from tests.conftest import compose_config, fast_overrides
 
 # Two short epochs reach about 80% tiny test accuracy: right on most images but not all, so errors and ranks
 # mean something.
@@ -76,15 +73,3 @@ EXPECTED_MESSAGE = {
     "not a lightning checkpoint": "not a Lightning checkpoint",
     "another project": "not written by cnnlab",
 }
-
-
-def run_script(name: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    """scripts/<name>.py in a subprocess, as a user runs it."""
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / f"{name}.py"), *overrides],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ),
-    )

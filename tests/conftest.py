@@ -119,6 +119,16 @@ def tiny_data(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def trained_run(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
+    """A LeNet-5 briefly trained on the tiny MNIST, shared by the eval and predict tests, which read it and write
+    elsewhere: its run folder (checkpoints/best.ckpt, last.ckpt, metrics.json) and the metrics train() returned."""
+    from tests.checkpoint_helpers import train_briefly  # it imports this module
+
+    run_dir = tmp_path_factory.mktemp("trained_run")
+    return run_dir, train_briefly(tiny_data, run_dir)
+
+
 REAL_DATA_MISSING = (
     "CNNLAB_REAL_DATA is not set, so the tests that train on the real MNIST and CIFAR-10 were skipped; to run them: "
     "CNNLAB_REAL_DATA=<folder holding MNIST/raw/ and cifar-10-batches-py/> pytest"

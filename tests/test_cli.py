@@ -2,17 +2,16 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
+from tests.launch import free_port, run_script
 
 QUICK = [
     "trainer.max_epochs=1",
@@ -23,19 +22,9 @@ QUICK = [
 ]
 
 
-def run(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
-
-
-def train_script(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run([sys.executable, str(REPO / "scripts" / "train.py"), *overrides], cwd)
-
-
 def test_train_script_writes_a_run_dir_under_the_working_directory(tiny_data, tmp_path):
     (tmp_path / "data").symlink_to(tiny_data)  # the default data_dir, relative to where the command runs
-    result = train_script(*QUICK, cwd=tmp_path)
+    result = run_script("train", *QUICK, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "train").iterdir()
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "train.log").is_file()
@@ -52,37 +41,31 @@ def test_train_script_writes_a_run_dir_under_the_working_directory(tiny_data, tm
 
 def test_hydra_run_dir_override_places_the_run_and_print_config_shows_the_config(tiny_data, tmp_path):
     args = [*QUICK, f"data.data_dir={tiny_data}", "hydra.run.dir=mine/run1", "print_config=true"]
-    result = train_script(*args, cwd=tmp_path)
+    result = run_script("train", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "mine" / "run1" / "metrics.json").is_file()
     assert "_target_: cnnlab.models.LeNet5" in result.stdout
 
 
 def test_missing_data_gets_one_paragraph_exit_2_and_no_traceback(tmp_path):
-    result = train_script("data.data_dir=nowhere", "data.download=false", cwd=tmp_path)
+    result = run_script("train", "data.data_dir=nowhere", "data.download=false", cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "data.data_dir" in result.stderr and str(tmp_path / "nowhere") in result.stderr
 
 
 def test_unknown_model_option_lists_the_available_ones(tmp_path):
-    result = train_script("model=lenet6", cwd=tmp_path)
+    result = run_script("train", "model=lenet6", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "lenet5" in result.stderr and "resnet18" in result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tensorboard_serves_val_acc_of_a_finished_run(tiny_data, tmp_path):
-    result = train_script(
-        *QUICK, "trainer.max_epochs=2", f"data.data_dir={tiny_data}", "hydra.run.dir=run", cwd=tmp_path
+    result = run_script(
+        "train", *QUICK, "trainer.max_epochs=2", f"data.data_dir={tiny_data}", "hydra.run.dir=run", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             sys.executable,
@@ -124,32 +107,37 @@ def test_tensorboard_serves_val_acc_of_a_finished_run(tiny_data, tmp_path):
 
 def test_console_script_finds_its_configs_after_a_plain_install_from_any_directory(tiny_data, tmp_path):
     target = tmp_path / "site"
-    install = run(
+    install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(REPO)],
         cwd=tmp_path,
+        capture_output=True,
+        text=True,
         timeout=600,
     )
     assert install.returncode == 0, install.stderr[-3000:]
     assert (target / "cnnlab" / "configs" / "train.yaml").is_file()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    script = target / "bin" / "cnnlab-train"
-    result = run(
-        [sys.executable, str(script), *QUICK, f"data.data_dir={tiny_data}"],
-        cwd=elsewhere,
-        env={"PYTHONPATH": str(target)},
-    )
+
+    def command(name: str, *overrides: str) -> subprocess.CompletedProcess:
+        """The installed console script cnnlab-<name>, with the install alone on PYTHONPATH (not this checkout)."""
+        return subprocess.run(
+            [sys.executable, str(target / "bin" / f"cnnlab-{name}"), *overrides],
+            cwd=elsewhere,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": str(target)},
+        )
+
+    result = command("train", *QUICK, f"data.data_dir={tiny_data}")
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (elsewhere / "outputs" / "train").iterdir()
     trained = json.loads((run_dir / "metrics.json").read_text())
     assert str(target) in (run_dir / ".hydra" / "hydra.yaml").read_text()  # configs came from the installed copy
 
     # cnnlab-eval, cnnlab-predict and cnnlab-export are the same commands as the scripts, from the install.
-    best, installed = run_dir / "checkpoints" / "best.ckpt", {"PYTHONPATH": str(target)}
-
-    def command(name: str, *overrides: str) -> subprocess.CompletedProcess:
-        return run([sys.executable, str(target / "bin" / f"cnnlab-{name}"), *overrides], elsewhere, installed)
-
+    best = run_dir / "checkpoints" / "best.ckpt"
     evaluated = command("eval", f"ckpt_path={best}", "hydra.run.dir=ev")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads((elsewhere / "ev" / "metrics.json").read_text())["test_acc"] == trained["test_acc"]

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +12,9 @@ import torch
 from hydra.utils import instantiate
 
 from cnnlab.classifier import ImageClassifier
-from tests.conftest import REPO, make_mnist
-from tests.test_run_semantics import SOURCES
+from tests.conftest import make_mnist
+from tests.launch import free_port, run_script, script_env, script_path
 
-TRAIN = str(REPO / "scripts" / "train.py")
 TWO_EPOCHS = [
     "trainer.max_epochs=2",
     "trainer.limit_train_batches=4",
@@ -35,15 +33,9 @@ def odd_mnist(tmp_path_factory) -> Path:
     return make_mnist(tmp_path_factory.mktemp("odd_mnist"), n_train=600, n_test=201)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_writes_one_run_dir_and_a_checkpoint_one_process_loads(odd_mnist, tmp_path):
     args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"data.data_dir={odd_mnist}", *TWO_EPOCHS]
-    result = subprocess.run([sys.executable, TRAIN, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = run_script("train", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting with 2 processes" in result.stdout + result.stderr
 
@@ -90,10 +82,11 @@ def test_torchrun_two_single_process_nodes_on_loopback_write_one_metrics_json(od
                 f"--node_rank={rank}",
                 "--master_addr=127.0.0.1",
                 f"--master_port={port}",
-                TRAIN,
+                script_path("train"),
                 *args,
             ],  # fmt: skip
             cwd=tmp_path,
+            env=script_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -117,13 +110,8 @@ def test_torchrun_two_single_process_nodes_on_loopback_write_one_metrics_json(od
 
 
 def test_sweep_with_a_ddp_trainer_is_refused_before_any_run(tmp_path):
-    result = subprocess.run(
-        [sys.executable, TRAIN, "-m", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "seed=1,2"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    args = ["-m", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "seed=1,2"]
+    result = run_script("train", *args, cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "cannot use a distributed trainer" in result.stderr and "hydra/launcher=slurm_ddp" in result.stderr
@@ -158,9 +146,8 @@ def test_the_slurm_launcher_configs_compose_with_the_plugin_installed(submitit_p
 
     args = [f"hydra/launcher={launcher}", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
             "hydra.launcher.partition=gpu", "--cfg", "all", "--resolve"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(submitit_plugin), SOURCES])}
-    result = subprocess.run([sys.executable, TRAIN, *args], cwd=tmp_path, capture_output=True, text=True, env=env,
-                            timeout=120)  # fmt: skip
+    with_plugin = {"PYTHONPATH": os.pathsep.join([str(submitit_plugin), script_env()["PYTHONPATH"]])}
+    result = run_script("train", *args, cwd=tmp_path, env=with_plugin, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     config = yaml.safe_load(result.stdout)
     slurm = config["hydra"]["launcher"]

@@ -14,14 +14,9 @@ from cnnlab.checkpoints import load_checkpoint
 from cnnlab.errors import UserError
 from cnnlab.evaluate import evaluate, resolve_checkpoints
 from cnnlab.figures import confusion_matrix_figure, misclassified_figure
-from tests.checkpoint_helpers import (
-    EXPECTED_MESSAGE,
-    bad_files,
-    run_script,
-    train_briefly,
-    write_hostile_checkpoint,
-)
+from tests.checkpoint_helpers import EXPECTED_MESSAGE, bad_files, write_hostile_checkpoint
 from tests.conftest import CIFAR_CLASSES, compose_config, make_mnist
+from tests.launch import run_script, tensorboard_events
 
 
 def checkpoint_logits(path, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,36 +39,30 @@ def eval_config(tmp_path, *overrides):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("train")
-    return run_dir, train_briefly(tiny_data, run_dir)
-
-
-@pytest.fixture(scope="module")
-def evaluated(trained, tmp_path_factory):
-    run_dir, _ = trained
+def evaluated(trained_run, tmp_path_factory):
+    run_dir, _ = trained_run
     eval_dir = tmp_path_factory.mktemp("eval")
     return eval_dir, evaluate(eval_config(eval_dir, f"ckpt_path={run_dir}/checkpoints/best.ckpt"))
 
 
-def test_eval_reproduces_train_test_accuracy(trained, evaluated):
-    (run_dir, _), (_, metrics) = trained, evaluated
+def test_eval_reproduces_train_test_accuracy(trained_run, evaluated):
+    (run_dir, _), (_, metrics) = trained_run, evaluated
     written = json.loads((run_dir / "metrics.json").read_text())
     assert 0.3 < written["test_acc"] < 1.0  # a score where a wrongly rebuilt model or data path would show
     assert abs(metrics["test_acc"] - written["test_acc"]) <= 1e-6
     assert metrics["test_loss"] == pytest.approx(written["test_loss"], abs=1e-5)
 
 
-def test_eval_on_the_val_split_reproduces_the_best_val_accuracy(trained, tmp_path):
-    run_dir, train_metrics = trained
+def test_eval_on_the_val_split_reproduces_the_best_val_accuracy(trained_run, tmp_path):
+    run_dir, train_metrics = trained_run
     metrics = evaluate(eval_config(tmp_path, f"ckpt_path={run_dir}/checkpoints/best.ckpt", "split=val"))
     assert metrics["split"] == "val" and "test_acc" not in metrics
     assert abs(metrics["val_acc"] - train_metrics["val_acc_best"]) <= 1e-6
     assert metrics["samples"] == 100  # data.val_size of the training run, read from the checkpoint
 
 
-def test_metrics_json_holds_top5_per_class_scores_and_the_checkpoint_hash(trained, evaluated):
-    (run_dir, _), (eval_dir, metrics) = trained, evaluated
+def test_metrics_json_holds_top5_per_class_scores_and_the_checkpoint_hash(trained_run, evaluated):
+    (run_dir, _), (eval_dir, metrics) = trained_run, evaluated
     written = json.loads((eval_dir / "metrics.json").read_text())
     assert written == json.loads(json.dumps(metrics))
     best = run_dir / "checkpoints" / "best.ckpt"
@@ -118,18 +107,15 @@ def test_misclassified_grid_titles_each_image_with_true_and_predicted_class():
 
 
 def test_eval_writes_figures_and_numbers_to_tensorboard(evaluated):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     eval_dir, metrics = evaluated
-    events = EventAccumulator(str(eval_dir / "tensorboard"), size_guidance={"images": 0})
-    events.Reload()
+    events = tensorboard_events(eval_dir)
     assert {"test/confusion_matrix", "test/misclassified"} <= set(events.Tags()["images"])
     assert events.Scalars("test/acc")[-1].value == pytest.approx(metrics["test_acc"])
     assert "test/precision/3" in events.Tags()["scalars"]
 
 
-def test_data_overrides_replace_the_stored_data_config(trained, tmp_path):
-    run_dir, _ = trained
+def test_data_overrides_replace_the_stored_data_config(trained_run, tmp_path):
+    run_dir, _ = trained_run
     other = make_mnist(tmp_path / "other", n_train=200, n_test=50, seed=7)
     metrics = evaluate(
         eval_config(
@@ -142,7 +128,7 @@ def test_data_overrides_replace_the_stored_data_config(trained, tmp_path):
     assert metrics["samples"] == 50
 
 
-def test_eval_data_keys_replace_the_stored_loader_workers_and_download(trained, tmp_path, monkeypatch):
+def test_eval_data_keys_replace_the_stored_loader_workers_and_download(trained_run, tmp_path, monkeypatch):
     import cnnlab.evaluate as evaluate_module
 
     built, loaders = [], []
@@ -158,7 +144,7 @@ def test_eval_data_keys_replace_the_stored_loader_workers_and_download(trained, 
 
     monkeypatch.setattr(evaluate_module, "build_datamodule", recording_build)
     monkeypatch.setattr(evaluate_module, "logits_and_labels", recording_score)
-    best = f"ckpt_path={trained[0]}/checkpoints/best.ckpt"
+    best = f"ckpt_path={trained_run[0]}/checkpoints/best.ckpt"
     stored = evaluate(eval_config(tmp_path / "stored", best))
     replaced = evaluate(eval_config(tmp_path / "replaced", best, "data.loader=torchvision", "data.num_workers=1",
                                     "data.download=true"))  # fmt: skip
@@ -167,7 +153,7 @@ def test_eval_data_keys_replace_the_stored_loader_workers_and_download(trained, 
     assert replaced["test_acc"] == pytest.approx(stored["test_acc"], abs=1e-6)  # the same images, another path
 
 
-def test_misclassified_figure_shows_the_24_errors_the_model_was_surest_of(trained, tmp_path, monkeypatch):
+def test_misclassified_figure_shows_the_24_errors_the_model_was_surest_of(trained_run, tmp_path, monkeypatch):
     import cnnlab.figures as figures
 
     shown = {}
@@ -178,7 +164,7 @@ def test_misclassified_figure_shows_the_24_errors_the_model_was_surest_of(traine
         return draw(*errors, **kwargs)
 
     monkeypatch.setattr(figures, "misclassified_figure", recording_draw)
-    best = trained[0] / "checkpoints" / "best.ckpt"
+    best = trained_run[0] / "checkpoints" / "best.ckpt"
     evaluate(eval_config(tmp_path, f"ckpt_path={best}"))
     images, true, predicted, confidence = shown["errors"]
     logits, labels = checkpoint_logits(best)
@@ -191,8 +177,8 @@ def test_misclassified_figure_shows_the_24_errors_the_model_was_surest_of(traine
     assert len(images) == 24
 
 
-def test_several_checkpoints_are_ranked_in_one_table(trained, tmp_path):
-    run_dir, _ = trained
+def test_several_checkpoints_are_ranked_in_one_table(trained_run, tmp_path):
+    run_dir, _ = trained_run
     multirun = tmp_path / "multirun"
     for job, name in (("0", "last.ckpt"), ("1", "best.ckpt")):
         (multirun / job / "checkpoints").mkdir(parents=True)
@@ -216,8 +202,8 @@ def test_several_checkpoints_are_ranked_in_one_table(trained, tmp_path):
     assert sorted(p.name for p in eval_dir.glob("*/metrics.json")) == ["metrics.json"] * 3
 
 
-def test_a_list_of_checkpoints_resolves_each_file_once(trained):
-    run_dir, _ = trained
+def test_a_list_of_checkpoints_resolves_each_file_once(trained_run):
+    run_dir, _ = trained_run
     best, last = run_dir / "checkpoints" / "best.ckpt", run_dir / "checkpoints" / "last.ckpt"
     assert resolve_checkpoints([str(best), str(last), str(run_dir)]) == [best, last]  # the run dir adds best again
     with pytest.raises(UserError, match="without any checkpoints/best.ckpt"):
@@ -225,8 +211,8 @@ def test_a_list_of_checkpoints_resolves_each_file_once(trained):
 
 
 @pytest.mark.parametrize("kind", list(EXPECTED_MESSAGE))
-def test_unusable_checkpoints_are_refused_with_one_clear_message(trained, tmp_path, kind):
-    run_dir, _ = trained
+def test_unusable_checkpoints_are_refused_with_one_clear_message(trained_run, tmp_path, kind):
+    run_dir, _ = trained_run
     path = bad_files(tmp_path, run_dir / "checkpoints" / "best.ckpt")[kind]
     eval_dir = tmp_path / "eval"
     with pytest.raises(UserError) as err:
@@ -256,8 +242,8 @@ def test_hostile_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
         ("optimizer", {"_target_": "os.system", "_partial_": True}),
     ],
 )
-def test_checkpoint_whose_configs_would_instantiate_foreign_code_is_refused(trained, tmp_path, key, node):
-    run_dir, _ = trained
+def test_checkpoint_whose_configs_would_instantiate_foreign_code_is_refused(trained_run, tmp_path, key, node):
+    run_dir, _ = trained_run
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
     marker = tmp_path / "marker"
     node = {k: ({**v, "self": str(marker)} if isinstance(v, dict) else v) for k, v in node.items()}
@@ -270,8 +256,8 @@ def test_checkpoint_whose_configs_would_instantiate_foreign_code_is_refused(trai
     assert not marker.exists()
 
 
-def test_data_that_does_not_fit_the_model_is_refused_before_any_output(trained, tmp_path):
-    run_dir, _ = trained
+def test_data_that_does_not_fit_the_model_is_refused_before_any_output(trained_run, tmp_path):
+    run_dir, _ = trained_run
     best = f"ckpt_path={run_dir}/checkpoints/best.ckpt"
     wrong_size = tmp_path / "wide"
     make_mnist(wrong_size, n_train=20, n_test=20)
@@ -293,8 +279,8 @@ def test_data_that_does_not_fit_the_model_is_refused_before_any_output(trained, 
 
 
 @pytest.mark.parametrize("kind", ["truncated", "another project", "missing"])
-def test_eval_script_reports_bad_checkpoints_with_exit_2_and_no_traceback(trained, tmp_path, kind):
-    run_dir, _ = trained
+def test_eval_script_reports_bad_checkpoints_with_exit_2_and_no_traceback(trained_run, tmp_path, kind):
+    run_dir, _ = trained_run
     path = bad_files(tmp_path, run_dir / "checkpoints" / "best.ckpt")[kind]
     result = run_script("eval", f"ckpt_path={path}", "hydra.run.dir=ev", cwd=tmp_path)
     assert result.returncode == 2
@@ -313,8 +299,8 @@ def test_eval_script_refuses_a_hostile_checkpoint_without_running_it(tmp_path):
     assert not marker.exists()
 
 
-def test_eval_script_writes_its_report_under_outputs_eval(trained, tmp_path):
-    run_dir, _ = trained
+def test_eval_script_writes_its_report_under_outputs_eval(trained_run, tmp_path):
+    run_dir, _ = trained_run
     result = run_script("eval", f"ckpt_path={run_dir}/checkpoints/best.ckpt", "data.eval_batch_size=50", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (eval_dir,) = (tmp_path / "outputs" / "eval").iterdir()
@@ -326,8 +312,8 @@ def test_eval_script_writes_its_report_under_outputs_eval(trained, tmp_path):
     assert "test_acc" in result.stdout
 
 
-def test_an_unknown_data_key_is_refused_with_the_stored_keys(trained, tmp_path):
-    run_dir, _ = trained
+def test_an_unknown_data_key_is_refused_with_the_stored_keys(trained_run, tmp_path):
+    run_dir, _ = trained_run
     with pytest.raises(UserError, match="data.colour is not a key") as err:
         evaluate(eval_config(tmp_path, f"ckpt_path={run_dir}/checkpoints/best.ckpt", "+data.colour=red"))
     assert "eval_batch_size" in str(err.value)

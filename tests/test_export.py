@@ -14,7 +14,8 @@ from cnnlab.cli import config_dir
 from cnnlab.errors import UserError
 from cnnlab.export import export
 from cnnlab.export_metadata import read_torchscript_description
-from tests.checkpoint_helpers import run_script, save_untrained_checkpoint
+from tests.checkpoint_helpers import save_untrained_checkpoint
+from tests.launch import run_script
 
 
 def export_config(*overrides):

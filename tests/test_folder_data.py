@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,8 @@ from cnnlab.evaluate import evaluate
 from cnnlab.predict import predict
 from cnnlab.train import train
 from cnnlab.validation import check_model_fits_data
-from tests.conftest import FOLDER_CLASSES, MODELS, REPO, compose_config, make_image_folder
+from tests.conftest import FOLDER_CLASSES, MODELS, compose_config, make_image_folder
+from tests.launch import run_script
 from tests.test_predict import predict_config
 
 
@@ -438,17 +437,6 @@ def test_export_needs_only_the_checkpoint_of_a_folder_run(folder_run, tmp_path):
 
 
 # --- the command line ----------------------------------------------------------------------------------------------
-def run_train(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), *overrides],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ),
-    )
-
-
 @pytest.mark.parametrize(
     "model, shape, epochs, splits",
     [
@@ -459,7 +447,9 @@ def run_train(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
 def test_train_script_learns_a_folder_end_to_end(tmp_path, model, shape, epochs, splits):
     make_image_folder(tmp_path / "images", shape=shape, n_train=300, **splits)
     overrides = [*folder_overrides(Path("images"), model), f"data.image_shape=[{','.join(map(str, shape))}]"]
-    result = run_train(tmp_path, *overrides, f"trainer.max_epochs={epochs}", "optimizer.lr=0.05", "hydra.run.dir=run")
+    result = run_script(
+        "train", *overrides, f"trainer.max_epochs={epochs}", "optimizer.lr=0.05", "hydra.run.dir=run", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert ("has no test/ folder" in result.stdout) == (splits["n_test"] == 0)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -471,7 +461,9 @@ def test_train_script_learns_a_folder_end_to_end(tmp_path, model, shape, epochs,
 def test_train_script_reports_a_bad_image_by_path_with_exit_2(tmp_path):
     make_image_folder(tmp_path / "images", n_train=60, n_test=20)
     bad = add_bad_files(tmp_path / "images")
-    result = run_train(tmp_path, *folder_overrides(Path("images")), "data.val_size=10", "hydra.run.dir=run")
+    result = run_script(
+        "train", *folder_overrides(Path("images")), "data.val_size=10", "hydra.run.dir=run", cwd=tmp_path
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert all(str(path) in result.stderr.replace("\n", "") for path in bad)
 

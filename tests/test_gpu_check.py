@@ -7,7 +7,6 @@ orchestration (subprocesses, JUnit parsing, run directories, both reports) on ti
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from cnnlab.gpu_check import (
     training_flops_per_image,
 )
 from tests.conftest import REPO
+from tests.launch import run_script
 
 NEEDS_NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the check runs for real")
 
@@ -155,10 +155,12 @@ def test_problems_name_failed_tests_failed_parts_and_tests_skipped_on_a_gpu():
 
 
 def run_check(*args: str) -> subprocess.CompletedProcess:
-    """scripts/gpu_check.py as a GPU machine runs it: not installed, the package found through PYTHONPATH=src."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    script = str(REPO / "scripts" / "gpu_check.py")
-    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, cwd=REPO)
+    """scripts/gpu_check.py as a GPU machine runs it: not installed, the package found through PYTHONPATH=src.
+
+    This PYTHONPATH replaces run_script's, which adds the repo root too: the GPU machine has src/ alone on it.
+    """
+    not_installed = {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    return run_script("gpu_check", *args, cwd=REPO, env=not_installed, timeout=None)
 
 
 @NEEDS_NO_GPU

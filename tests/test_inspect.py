@@ -1,8 +1,5 @@
 """The model inspector and the TensorBoard pictures of convolution."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -12,7 +9,8 @@ from cnnlab.conv_images import feature_map_grid, filter_grid, first_conv
 from cnnlab.inspect_model import layer_table
 from cnnlab.models import LeNet5
 from cnnlab.train import train
-from tests.conftest import DATASETS, MODELS, REPO, compose_config, fast_overrides
+from tests.conftest import DATASETS, MODELS, compose_config, fast_overrides
+from tests.launch import run_script, tensorboard_events
 
 
 @pytest.mark.parametrize("data", DATASETS)
@@ -60,13 +58,7 @@ def test_inspector_flags_a_layer_whose_formula_disagrees(monkeypatch):
 
 
 def test_inspect_script_prints_plain_text_when_piped(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "inspect_model.py"), "model=resnet18", "data=cifar10"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_script("inspect_model", "model=resnet18", "data=cifar10", cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert lines[1].split()[:4] == ["layer", "type", "output", "formula"]
@@ -85,8 +77,6 @@ def test_filter_and_feature_map_grids_are_images_in_unit_range():
 
 
 def test_training_logs_filters_and_feature_maps_every_epoch(tiny_data, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     overrides = [
         *fast_overrides(tiny_data),
         "trainer.max_epochs=2",
@@ -94,7 +84,6 @@ def test_training_logs_filters_and_feature_maps_every_epoch(tiny_data, tmp_path)
         "callbacks.conv_images.every_n_epochs=1",
     ]
     train(compose_config(overrides, tmp_path))
-    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
-    events.Reload()
+    events = tensorboard_events(tmp_path)
     assert {"conv1/filters", "conv1/feature_maps"} <= set(events.Tags()["images"])
     assert [e.step for e in events.Images("conv1/filters")] == [0, 1, 2]

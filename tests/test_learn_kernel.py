@@ -1,8 +1,6 @@
 """Gradient descent recovers the [1, -1] edge kernel, from Python and from scripts/learn_kernel.py."""
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +8,7 @@ import torch
 
 from cnnlab.errors import UserError
 from cnnlab.learn_kernel import learn_edge_kernel
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "learn_kernel.py"
+from tests.launch import run_script
 
 
 def test_learn_edge_kernel_converges_to_plus_one_minus_one_and_zero_bias() -> None:
@@ -55,13 +52,7 @@ def test_learn_edge_kernel_converges_only_for_lr_below_the_stability_limit(lr: f
 
 
 def test_learn_kernel_script_prints_the_learned_kernel_and_writes_no_files(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "steps=40", "log_every=20"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_script("learn_kernel", "steps=40", "log_every=20", cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "step   20  loss" in proc.stdout
     match = re.search(r"Learned kernel: \[\[([-+.\d]+), ([-+.\d]+)\]\]", proc.stdout)
@@ -71,9 +62,7 @@ def test_learn_kernel_script_prints_the_learned_kernel_and_writes_no_files(tmp_p
 
 
 def test_learn_kernel_script_reports_bad_settings_without_a_traceback(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "steps=0"], cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
+    proc = run_script("learn_kernel", "steps=0", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert "Error: steps and log_every must be at least 1" in proc.stderr
     assert "Traceback" not in proc.stderr

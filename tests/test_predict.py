@@ -19,8 +19,9 @@ from cnnlab.errors import UserError
 from cnnlab.evaluate import logits_and_labels
 from cnnlab.export import export
 from cnnlab.predict import load_image, predict, progress_bar
-from tests.checkpoint_helpers import run_script, save_untrained_checkpoint, train_briefly
+from tests.checkpoint_helpers import save_untrained_checkpoint
 from tests.conftest import CIFAR_CLASSES, compose_config
+from tests.launch import run_script
 
 COUNT = 20
 
@@ -30,11 +31,10 @@ def predict_config(*overrides):
         return compose(config_name="predict", overrides=list(overrides))
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("train")
-    train_briefly(tiny_data, run_dir, "test=false")
-    return run_dir / "checkpoints" / "best.ckpt"
+@pytest.fixture
+def trained(trained_run):
+    """best.ckpt of the session's briefly trained LeNet-5."""
+    return trained_run[0] / "checkpoints" / "best.ckpt"
 
 
 def save_test_digits(ckpt_path, folder, count: int = COUNT):

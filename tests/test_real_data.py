@@ -1,22 +1,17 @@
 """Runs on the real MNIST and CIFAR-10 (folder from CNNLAB_REAL_DATA): the accuracy users are promised."""
 
 import json
-import sys
 
 import numpy as np
 
 from cnnlab.data.formats import read_cifar_pickle
 from cnnlab.train import train
-from tests.conftest import REPO, compose_config, fast_overrides
-from tests.test_cli import run
+from tests.conftest import compose_config, fast_overrides
+from tests.launch import run_script
 
 
 def test_default_command_reaches_99_percent_on_real_mnist(real_data, tmp_path):
-    result = run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), f"data.data_dir={real_data}", "hydra.run.dir=run"],
-        cwd=tmp_path,
-        timeout=1200,
-    )
+    result = run_script("train", f"data.data_dir={real_data}", "hydra.run.dir=run", cwd=tmp_path, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     print(f"default MNIST run: test_acc={metrics['test_acc']:.4f} in {metrics['train_seconds']:.1f} s of training")

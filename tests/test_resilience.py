@@ -17,9 +17,8 @@ from cnnlab.checkpoint_io import atomic_torch_save
 from cnnlab.data.tensor_loader import BatchTransform, EpochSampler, TensorLoader
 from cnnlab.resume import resume_arguments
 from cnnlab.train import train
-from tests.conftest import REPO, compose_config, fast_overrides, make_mnist
-
-TRAIN = [sys.executable, str(REPO / "scripts" / "train.py")]
+from tests.conftest import compose_config, fast_overrides, make_mnist
+from tests.launch import run_script, start_script, tensorboard_scalars
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +45,6 @@ def quick(data_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def start(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([*TRAIN, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([*TRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
 def wait_for_step_checkpoint(proc: subprocess.Popen, ckpt: Path) -> None:
     """Wait until ckpt exists (a step checkpoint in the first epoch), or fail if the process ends first."""
     deadline = time.monotonic() + 120
@@ -65,15 +56,6 @@ def wait_for_step_checkpoint(proc: subprocess.Popen, ckpt: Path) -> None:
 
 def last_ckpt(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-
-
-def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of every point TensorBoard shows for tag (points a resumed run purged are not shown)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
 # --- atomic checkpoints ----------------------------------------------------------------------------------------------
@@ -160,14 +142,14 @@ def test_a_restored_tensor_loader_serves_the_rest_of_the_epoch_exactly(augment):
 @pytest.fixture(scope="module")
 def uninterrupted(mnist_dir, tmp_path_factory) -> tuple[Path, dict]:
     cwd = tmp_path_factory.mktemp("uninterrupted")
-    result = finish(quick(mnist_dir, "hydra.run.dir=run"), cwd)
+    result = run_script("train", *quick(mnist_dir, "hydra.run.dir=run"), cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd / "run", json.loads((cwd / "run" / "metrics.json").read_text())
 
 
 def test_sigkilled_run_resumes_in_place_and_ends_like_an_uninterrupted_one(mnist_dir, tmp_path, uninterrupted):
     ref_dir, ref = uninterrupted
-    proc = start(quick(mnist_dir), tmp_path)
+    proc = start_script("train", *quick(mnist_dir), cwd=tmp_path)
     (run_dir,) = _wait_for_run_dir(proc, tmp_path)
     wait_for_step_checkpoint(proc, run_dir / "checkpoints" / "last.ckpt")
     proc.send_signal(signal.SIGKILL)
@@ -175,7 +157,7 @@ def test_sigkilled_run_resumes_in_place_and_ends_like_an_uninterrupted_one(mnist
     killed_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert 0 < killed_at < ref["global_step"]
 
-    result = finish([f"resume={run_dir}"], tmp_path)
+    result = run_script("train", f"resume={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert list((tmp_path / "outputs" / "train").iterdir()) == [run_dir]  # no second folder
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -187,30 +169,30 @@ def test_sigkilled_run_resumes_in_place_and_ends_like_an_uninterrupted_one(mnist
     assert resumed_last["state_dict"].keys() == ref_last["state_dict"].keys()
     assert all(torch.equal(v, ref_last["state_dict"][k]) for k, v in resumed_last["state_dict"].items())
     assert metrics["test_acc"] == ref["test_acc"] and metrics["test_loss"] == ref["test_loss"]
-    for tag in ("lr", "val/acc"):  # curves continue: no step twice, none missing, the same values
-        assert scalars(run_dir, tag) == scalars(ref_dir, tag), tag
+    for tag in ("lr", "val/acc"):  # curves continue: no step twice (the reader checks), none missing, the same values
+        curve, ref_curve = tensorboard_scalars(run_dir, tag), tensorboard_scalars(ref_dir, tag)
+        assert list(curve.items()) == list(ref_curve.items()), tag
     # The interrupted epoch's train/loss averages only the batches after the resume (the running sums are not in
     # last.ckpt); the epochs after it are the same.
-    resumed_loss, ref_loss = scalars(run_dir, "train/loss"), scalars(ref_dir, "train/loss")
+    resumed_loss = list(tensorboard_scalars(run_dir, "train/loss").items())
+    ref_loss = list(tensorboard_scalars(ref_dir, "train/loss").items())
     assert [s for s, _ in resumed_loss] == [s for s, _ in ref_loss] and resumed_loss[1:] == ref_loss[1:]
 
 
 def test_a_kill_with_the_shipped_checkpoint_settings_loses_only_the_steps_since_the_last_epoch_end(
     mnist_dir, tmp_path, uninterrupted
 ):
-    from tests.test_run_semantics import run_train
-
     ref_dir, ref = uninterrupted
     shipped = [a for a in quick(mnist_dir) if not a.startswith("callbacks.last_checkpoint.")]  # 10 minutes, epoch ends
     killer = ["+callbacks.kill._target_=tests.ddp_helpers.KillAtStep", "+callbacks.kill.step=60",
               f"+callbacks.kill.marker={tmp_path / 'killed'}"]  # fmt: skip
-    killed = run_train([*shipped, *killer, "hydra.run.dir=run"], tmp_path)
+    killed = run_script("train", *shipped, *killer, "hydra.run.dir=run", cwd=tmp_path, timeout=600)
     assert killed.returncode == -signal.SIGKILL  # 10 steps into the second epoch of 50 steps
     saved = last_ckpt(tmp_path / "run")
     assert saved["global_step"] == 50 and saved["epoch"] == 0  # the first epoch's end: what the kill left
     assert not (tmp_path / "run" / "metrics.json").exists()
 
-    resumed = run_train(["resume=run"], tmp_path)
+    resumed = run_script("train", "resume=run", cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["global_step"] == ref["global_step"]
     done, ref_last = last_ckpt(tmp_path / "run"), last_ckpt(ref_dir)
@@ -229,7 +211,7 @@ def _wait_for_run_dir(proc: subprocess.Popen, cwd: Path) -> list[Path]:
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_the_run_and_prints_the_resume_command(mnist_dir, tmp_path, uninterrupted, sig, code):
     ref_dir, ref = uninterrupted
-    proc = start(quick(mnist_dir, "hydra.run.dir=run"), tmp_path)
+    proc = start_script("train", *quick(mnist_dir, "hydra.run.dir=run"), cwd=tmp_path)
     run_dir = tmp_path / "run"
     wait_for_step_checkpoint(proc, run_dir / "checkpoints" / "last.ckpt")
     proc.send_signal(sig)
@@ -242,7 +224,7 @@ def test_a_signal_saves_the_run_and_prints_the_resume_command(mnist_dir, tmp_pat
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == metrics["global_step"]  # the state at the stop, not an older one
 
-    result = finish([f"resume={run_dir}"], tmp_path)
+    result = run_script("train", f"resume={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = json.loads((run_dir / "metrics.json").read_text())
     assert resumed["status"] == "finished" and resumed["global_step"] == ref["global_step"]
@@ -252,15 +234,11 @@ def test_a_signal_saves_the_run_and_prints_the_resume_command(mnist_dir, tmp_pat
 
 
 def test_a_second_ctrl_c_aborts_at_once_without_waiting_for_the_step_to_end(mnist_dir, tmp_path):
-    from tests.test_run_semantics import SOURCES
-
     marker = tmp_path / "in_the_long_step"
     sleeper = ["+callbacks.slow._target_=tests.ddp_helpers.SleepAtStep", "+callbacks.slow.step=5",
                f"+callbacks.slow.marker={marker}"]  # fmt: skip
     shipped = [a for a in quick(mnist_dir) if not a.startswith("callbacks.last_checkpoint.")]
-    env = {**os.environ, "PYTHONPATH": SOURCES}  # tests.ddp_helpers too
-    command = [*TRAIN, *shipped, *sleeper, "hydra.run.dir=run"]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_script("train", *shipped, *sleeper, "hydra.run.dir=run", cwd=tmp_path)
     wait_for_step_checkpoint(proc, marker)  # inside step 5's two-minute end
     proc.send_signal(signal.SIGINT)  # the first asks for a stop after this step ...
     time.sleep(1.0)
@@ -358,7 +336,7 @@ def test_an_early_divergence_with_the_shipped_settings_leaves_last_ckpt_with_the
 
 def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_checkpoint(mnist_dir, tmp_path):
     shipped = [a for a in quick(mnist_dir) if not a.startswith("callbacks.last_checkpoint.")]
-    result = finish([*shipped, "optimizer.lr=1e6", "hydra.run.dir=run"], tmp_path)
+    result = run_script("train", *shipped, "optimizer.lr=1e6", "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "at step" in result.stderr and "optimizer.lr" in result.stderr and "16-bit" in result.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -530,7 +508,7 @@ def test_a_missing_run_folder_to_resume_is_refused_naming_it(tmp_path):
 def test_bad_input_on_the_command_line_exits_without_a_traceback_and_leaves_no_run_folder(
     mnist_dir, bad_input_folder, overrides, key, code
 ):
-    result = finish(bad_run(mnist_dir, overrides), bad_input_folder)
+    result = run_script("train", *bad_run(mnist_dir, overrides), cwd=bad_input_folder)
     assert result.returncode == code, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert key in result.stderr, result.stderr[-3000:]

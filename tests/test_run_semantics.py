@@ -24,26 +24,12 @@ from lightning.pytorch.callbacks import Callback
 from cnnlab.checkpoints import classifier_from_checkpoint, load_checkpoint
 from cnnlab.errors import UserError
 from cnnlab.train import train
-from tests.conftest import REPO, compose_config, fast_overrides, make_mnist
+from tests.conftest import compose_config, fast_overrides, make_mnist
+from tests.launch import run_script, script_env, script_path, start_script, tensorboard_events, tensorboard_scalars
 from tests.test_export import export_config
 from tests.test_predict import predict_config
 
-TRAIN = [sys.executable, str(REPO / "scripts" / "train.py")]
 SMALL = ["data.val_size=100", "data.download=false", "trainer=cpu"]  # what a few hundred images force
-SOURCES = os.pathsep.join([str(REPO / "src"), str(REPO)])  # this checkout's cnnlab, and tests.ddp_helpers
-
-
-def run_train(args: list[str], cwd: Path, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": SOURCES}
-    return subprocess.run([*TRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
-
-
-def tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
-    return {e.step: e.value for e in events.Scalars(tag)}
 
 
 def ckpt_step(path: Path) -> int:
@@ -54,7 +40,7 @@ def ckpt_step(path: Path) -> int:
 def test_last_ckpt_is_the_newest_state_even_when_val_acc_stops_improving(real_small, tmp_path):
     # lr 1e-9: the weights barely move, so val/acc never improves after the first epoch.
     args = [f"data.data_dir={real_small}", *SMALL, "trainer.max_epochs=4", "optimizer.lr=1e-9", "scheduler=none"]
-    result = run_train([*args, "hydra.run.dir=run"], tmp_path)
+    result = run_script("train", *args, "hydra.run.dir=run", cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]  # never a last-v1.ckpt
@@ -63,7 +49,7 @@ def test_last_ckpt_is_the_newest_state_even_when_val_acc_stops_improving(real_sm
     last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 16 and last["epoch"] == 3
 
-    resumed = run_train(["resume=run", "trainer.max_epochs=5"], tmp_path)
+    resumed = run_script("train", "resume=run", "trainer.max_epochs=5", cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["global_step"] == 20
     assert tensorboard_scalars(tmp_path / "run", "train/loss").keys() == {3, 7, 11, 15, 19}  # each epoch once
@@ -100,9 +86,9 @@ def test_last_ckpt_is_refreshed_every_ten_minutes_of_training_within_an_epoch(ti
 @pytest.mark.parametrize("scheduler", ["onecycle", "cosine"])
 def test_extending_a_finished_run_continues_the_schedule_planned_over_the_new_length(tiny_data, tmp_path, scheduler):
     args = [*fast_overrides(tiny_data), f"scheduler={scheduler}", "trainer.log_every_n_steps=1", "test=false"]
-    first = run_train([*args, "trainer.max_epochs=2", "hydra.run.dir=run"], tmp_path)
+    first = run_script("train", *args, "trainer.max_epochs=2", "hydra.run.dir=run", cwd=tmp_path, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    extended = run_train(["resume=run", "trainer.max_epochs=3"], tmp_path)
+    extended = run_script("train", "resume=run", "trainer.max_epochs=3", cwd=tmp_path, timeout=600)
     assert extended.returncode == 0, extended.stderr[-3000:]
     assert "Traceback" not in extended.stderr
     lr = tensorboard_scalars(tmp_path / "run", "lr")
@@ -130,12 +116,8 @@ def test_extending_a_finished_run_continues_the_schedule_planned_over_the_new_le
 # --- the shipped schedules and optimizers ---------------------------------------------------------------------
 def logged_rates(run_dir: Path) -> dict[str, dict[int, float]]:
     """Every learning-rate tag in the run's TensorBoard files, with its values by step."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
-    tags = [tag for tag in events.Tags()["scalars"] if tag.startswith("lr")]
-    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in tags}
+    tags = [tag for tag in tensorboard_events(run_dir).Tags()["scalars"] if tag.startswith("lr")]
+    return {tag: tensorboard_scalars(run_dir, tag) for tag in tags}
 
 
 def test_a_one_cycle_run_peaks_at_optimizer_lr_and_ends_at_its_final_rate_on_its_last_step(tiny_data, tmp_path):
@@ -217,7 +199,7 @@ def test_ema_weights_follow_the_training_from_the_first_epochs(tiny_data, tmp_pa
 def ema_run(real_small, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("ema")
     args = [*ema_recipe(real_small), "trainer.max_epochs=3", "hydra.run.dir=run"]
-    result = run_train(args, cwd, timeout=900)
+    result = run_script("train", *args, cwd=cwd, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd / "run"
 
@@ -342,7 +324,7 @@ def small_filesystem(tmp_path):
 def test_a_full_disk_stops_the_run_with_exit_2_and_keeps_the_previous_checkpoint(tiny_data, small_filesystem, tmp_path):
     run_dir = small_filesystem / "run"
     args = [*fast_overrides(tiny_data), "trainer.max_epochs=4", f"hydra.run.dir={run_dir}"]
-    result = run_train(args, tmp_path)
+    result = run_script("train", *args, cwd=tmp_path, timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert "full" in result.stderr and f"resume={run_dir}" in result.stderr
@@ -383,10 +365,8 @@ def alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads processes from /proc")
 def test_sigterm_to_the_launching_process_stops_every_ddp_rank_with_one_checkpoint(tmp_path):
     data = make_mnist(tmp_path / "data", n_train=3300, n_test=100)  # 50 steps of 2 x 32 images per epoch
-    env = {**os.environ, "PYTHONPATH": SOURCES}
     args = [*DDP, f"data.data_dir={data}", "trainer.max_epochs=20", "hydra.run.dir=run"]
-    proc = subprocess.Popen([*TRAIN, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    proc = start_script("train", *args, cwd=tmp_path)
     deadline = time.monotonic() + 180
     while not (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file():  # the first epoch is done
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -411,7 +391,7 @@ def test_a_nan_on_one_ddp_rank_stops_every_rank_and_keeps_the_last_good_state(tm
     args = [*DDP, f"data.data_dir={data}", "trainer.max_epochs=3", "hydra.run.dir=run",
             "+callbacks.nan._target_=tests.ddp_helpers.NaNInputOnRank", "+callbacks.nan.rank=1",
             "+callbacks.nan.step=30"]  # fmt: skip
-    result = run_train(args, tmp_path, timeout=240)
+    result = run_script("train", *args, cwd=tmp_path, timeout=240)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "at step 31" in result.stderr and "Traceback" not in result.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -427,9 +407,9 @@ def test_data_is_prepared_once_per_machine_not_once_per_process(tiny_data, tmp_p
     args = [*DDP, f"data.data_dir={tmp_path / 'empty'}", "data.download=true", "trainer.max_epochs=1",
             "trainer.limit_train_batches=2", "data._target_=tests.ddp_helpers.CountingMNIST",
             f"+data.source={tiny_data}", f"+data.log={log}", "hydra.run.dir=run", "test=false"]  # fmt: skip
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN[1]]
-    env = {**os.environ, "PYTHONPATH": SOURCES}
-    result = subprocess.run([*torchrun, *args], cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [*torchrun, script_path("train"), *args]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=script_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert log.read_text().split() == ["0"]
 

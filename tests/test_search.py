@@ -15,7 +15,8 @@ from cnnlab.errors import UserError
 from cnnlab.search import PruneOnValAcc, search
 from cnnlab.train import train
 from tests.conftest import compose_config, fast_overrides
-from tests.test_sweeps import QUICK, script
+from tests.launch import run_script, start_script
+from tests.test_sweeps import QUICK
 
 
 def test_pruning_callback_stops_a_trial_whose_val_acc_the_pruner_rejects(tiny_data, tmp_path):
@@ -29,9 +30,9 @@ def test_pruning_callback_stops_a_trial_whose_val_acc_the_pruner_rejects(tiny_da
     assert list(study.trials[0].intermediate_values) == [0]
 
 
-def search_command(tiny_data: Path, n_trials: int, *extra: str) -> list[str]:
-    return script("search.py", f"n_trials={n_trials}", *QUICK, "trainer.max_epochs=1", f"data.data_dir={tiny_data}",
-                  "hydra.run.dir=search", *extra, cwd=Path())  # fmt: skip
+def search_args(tiny_data: Path, n_trials: int, *extra: str) -> list[str]:
+    return [f"n_trials={n_trials}", *QUICK, "trainer.max_epochs=1", f"data.data_dir={tiny_data}",
+            "hydra.run.dir=search", *extra]  # fmt: skip
 
 
 def trials_in(study_db: Path) -> list[optuna.trial.FrozenTrial]:
@@ -42,8 +43,8 @@ def test_the_shipped_median_pruner_stops_a_trial_that_falls_behind_the_others(ti
     # configs/search.yaml's pruner and sampler as shipped. Seeded with 44, the sampler's first (random) proposals are
     # the rates 0.05, 0.1, 0.2, then 1e-9, which learns nothing: by epoch 1 the first three lead it by far.
     space = "+search_space.optimizer={lr: {type: categorical, choices: [0.05, 0.1, 0.2, 1.0e-9]}}"
-    command = search_command(tiny_data, 4, "seed=44", "trainer.max_epochs=3", "~search_space.optimizer", space)
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    args = search_args(tiny_data, 4, "seed=44", "trainer.max_epochs=3", "~search_space.optimizer", space)
+    result = run_script("search", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     trials = trials_in(tmp_path / "search" / "study.db")
     assert [t.params["optimizer.lr"] for t in trials] == [0.05, 0.1, 0.2, 1e-9]
@@ -58,8 +59,8 @@ def test_the_shipped_median_pruner_stops_a_trial_that_falls_behind_the_others(ti
 
 def test_search_killed_during_a_trial_runs_its_parameters_again_and_finishes_its_trial_count(tiny_data, tmp_path):
     # A config group's options are a categorical choice too: each trial trains the model it drew.
-    command = search_command(tiny_data, 3, "+search_space.model={type: categorical, choices: [lenet5, resnet8]}")
-    first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = search_args(tiny_data, 3, "+search_space.model={type: categorical, choices: [lenet5, resnet8]}")
+    first = start_script("search", *args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not (tmp_path / "search" / "2" / ".hydra" / "config.yaml").exists():  # the third trial has started
         assert first.poll() is None and time.monotonic() < deadline, "the search ended before its third trial"
@@ -69,7 +70,7 @@ def test_search_killed_during_a_trial_runs_its_parameters_again_and_finishes_its
     assert not (tmp_path / "search" / "best.json").exists()
     first_trial = (tmp_path / "search" / "0" / "metrics.json").read_text()
 
-    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    resumed = run_script("search", *args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     trials = trials_in(tmp_path / "search" / "study.db")
     (cut_off,) = [t for t in trials if t.user_attrs.get("interrupted")]
@@ -92,8 +93,8 @@ def test_search_killed_during_a_trial_runs_its_parameters_again_and_finishes_its
 
 
 def test_search_records_failing_trials_and_still_runs_all_of_them(tiny_data, tmp_path):
-    command = search_command(tiny_data, 2, "+search_space.data.val_size={type: categorical, choices: [99999]}")
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    args = search_args(tiny_data, 2, "+search_space.data.val_size={type: categorical, choices: [99999]}")
+    result = run_script("search", *args, cwd=tmp_path)
     assert result.returncode == 2 and "No trial of the search" in result.stderr  # nothing to call best
     states = [t.state for t in trials_in(tmp_path / "search" / "study.db")]
     assert states == [TrialState.FAIL, TrialState.FAIL]

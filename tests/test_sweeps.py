@@ -2,11 +2,8 @@
 
 import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-from tests.conftest import REPO
+from tests.launch import run_script
 
 QUICK = [
     "data.batch_size=32",
@@ -20,17 +17,10 @@ QUICK = [
 ]
 
 
-def script(name: str, *args: str, cwd: Path) -> list[str]:
-    return [sys.executable, str(REPO / "scripts" / name), *args]
-
-
 def test_sweep_records_a_failed_job_runs_the_rest_and_summarizes_them_ranked(tiny_data, tmp_path):
     # Job 0 asks for more validation images than there are training images (a UserError); job 1 trains.
-    sweep = subprocess.run(
-        script("train.py", "-m", *QUICK, "trainer.max_epochs=2", f"data.data_dir={tiny_data}",
-               "data.val_size=99999,100", "hydra.sweep.dir=sweep", cwd=tmp_path),
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    sweep = run_script("train", "-m", *QUICK, "trainer.max_epochs=2", f"data.data_dir={tiny_data}",
+                       "data.val_size=99999,100", "hydra.sweep.dir=sweep", cwd=tmp_path)  # fmt: skip
     assert sweep.returncode == 1, sweep.stderr[-3000:]  # all jobs ran, and the exit code says one failed
     assert "1 job(s) of the sweep" in sweep.stderr and "data.val_size=99999" in sweep.stderr
     failed = json.loads((tmp_path / "sweep" / "0" / "failed.json").read_text())
@@ -38,8 +28,7 @@ def test_sweep_records_a_failed_job_runs_the_rest_and_summarizes_them_ranked(tin
     assert not (tmp_path / "sweep" / "0" / "metrics.json").exists()
     assert json.loads((tmp_path / "sweep" / "1" / "metrics.json").read_text())["epochs"] == 2
 
-    summary = subprocess.run(script("summarize.py", "sweep", cwd=tmp_path), cwd=tmp_path, capture_output=True,
-                             text=True, timeout=120)  # fmt: skip
+    summary = run_script("summarize", "sweep", cwd=tmp_path, timeout=120)
     assert summary.returncode == 0, summary.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))
     assert [(r["rank"], r["run"], r["overrides"]) for r in rows] == [
@@ -58,11 +47,8 @@ def test_a_job_that_fails_with_any_other_exception_is_recorded_with_its_tracebac
     tiny_data, tmp_path
 ):
     # No config check knows that SGD refuses a negative momentum: a ValueError from inside training, not a UserError.
-    sweep = subprocess.run(
-        script("train.py", "-m", *QUICK, "trainer.max_epochs=1", f"data.data_dir={tiny_data}",
-               "optimizer.momentum=-1,0.9", "hydra.sweep.dir=sweep", cwd=tmp_path),
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    sweep = run_script("train", "-m", *QUICK, "trainer.max_epochs=1", f"data.data_dir={tiny_data}",
+                       "optimizer.momentum=-1,0.9", "hydra.sweep.dir=sweep", cwd=tmp_path)  # fmt: skip
     assert sweep.returncode == 1, sweep.stderr[-3000:]
     assert "1 job(s) of the sweep" in sweep.stderr and "ValueError" in sweep.stderr
     failed = json.loads((tmp_path / "sweep" / "0" / "failed.json").read_text())
@@ -72,8 +58,7 @@ def test_a_job_that_fails_with_any_other_exception_is_recorded_with_its_tracebac
 
 
 def test_summarize_without_runs_says_so_with_exit_2(tmp_path):
-    result = subprocess.run(script("summarize.py", "nothing", cwd=tmp_path), cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    result = run_script("summarize", "nothing", cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "No runs under nothing" in result.stderr
 
 

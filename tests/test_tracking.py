@@ -17,13 +17,12 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cnnlab.errors import UserError
 from cnnlab.train import train
 from tests.conftest import compose_config, fast_overrides
-from tests.test_cli import _free_port, train_script
-from tests.test_sweeps import QUICK, script
+from tests.launch import free_port, run_script, tensorboard_events
+from tests.test_sweeps import QUICK
 
 EPOCH_METRICS = ["train/loss", "train/acc", "val/loss", "val/acc"]
 
@@ -59,8 +58,7 @@ def test_mlflow_run_holds_the_config_epoch_metrics_final_metrics_and_best_checkp
 
     assert run.data.params == flattened(OmegaConf.to_container(cfg, resolve=True))
 
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
+    events = tensorboard_events(run_dir)
     tensorboard_tags = {t for t in events.Tags()["scalars"] if not t.startswith("hp/")}
     assert set(EPOCH_METRICS) | {"test/acc", "test/loss"} <= tensorboard_tags <= set(run.data.metrics)
     for name in EPOCH_METRICS:  # one value per epoch, at the same steps and with the values TensorBoard has
@@ -90,13 +88,13 @@ def get_json(url: str, payload: dict | None = None) -> dict:
 
 def test_mlflow_tracking_server_serves_val_acc_of_a_run_logged_from_the_command_line(tiny_data, tmp_path):
     # paths.output_dir keeps its default, `outputs`: the store is found relative to where the command ran.
-    result = train_script("trainer.max_epochs=2", "trainer.limit_train_batches=4", "data.batch_size=32",
-                          "data.val_size=100", "data.download=false", f"data.data_dir={tiny_data}", "logger=mlflow",
-                          "hydra.run.dir=run", cwd=tmp_path)  # fmt: skip
+    result = run_script("train", "trainer.max_epochs=2", "trainer.limit_train_batches=4", "data.batch_size=32",
+                        "data.val_size=100", "data.download=false", f"data.data_dir={tiny_data}", "logger=mlflow",
+                        "hydra.run.dir=run", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     database = tmp_path / "outputs" / "mlflow.db"
     assert database.is_file()
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{database}",
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
@@ -126,13 +124,11 @@ def test_mlflow_tracking_server_serves_val_acc_of_a_run_logged_from_the_command_
 
 def test_every_job_of_a_sweep_and_every_trial_of_a_search_is_a_run_in_the_one_store(tiny_data, tmp_path):
     logged = ["logger=mlflow", f"data.data_dir={tiny_data}"]
-    sweep = subprocess.run(script("train.py", "-m", *QUICK, *logged, "trainer.max_epochs=1",
-                                  "optimizer.lr=0.01,0.05", "hydra.sweep.dir=sweep", cwd=tmp_path),
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    sweep = run_script("train", "-m", *QUICK, *logged, "trainer.max_epochs=1", "optimizer.lr=0.01,0.05",
+                       "hydra.sweep.dir=sweep", cwd=tmp_path)  # fmt: skip
     assert sweep.returncode == 0, sweep.stderr[-3000:]
-    search = subprocess.run(script("search.py", "n_trials=2", *QUICK, *logged, "trainer.max_epochs=1",
-                                   "hydra.run.dir=search", cwd=tmp_path),
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    search = run_script("search", "n_trials=2", *QUICK, *logged, "trainer.max_epochs=1", "hydra.run.dir=search",
+                        cwd=tmp_path)  # fmt: skip
     assert search.returncode == 0, search.stderr[-3000:]
 
     client = store(tmp_path / "outputs")  # both commands ran here with the default paths.output_dir
@@ -163,7 +159,7 @@ def test_logger_wandb_without_wandb_installed_stops_before_any_work_naming_the_e
 
 @pytest.mark.skipif(WANDB_INSTALLED, reason="checks the message shown where wandb is not installed")
 def test_logger_wandb_without_wandb_installed_is_one_paragraph_and_exit_2(tiny_data, tmp_path):
-    result = train_script(f"data.data_dir={tiny_data}", "logger=wandb", cwd=tmp_path)
+    result = run_script("train", f"data.data_dir={tiny_data}", "logger=wandb", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     paragraphs = [p for p in result.stderr.strip().split("\n\n") if p.strip()]
     assert len(paragraphs) == 1 and 'pip install -e ".[wandb]"' in paragraphs[0]

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from cnnlab.train import build_classifier, train
 from tests.conftest import DATASETS, MODELS, compose_config, fast_overrides, make_cifar, make_mnist
+from tests.launch import run_script, script_env, tensorboard_events, tensorboard_scalars
 
 
 @pytest.mark.parametrize("data", DATASETS)
@@ -36,15 +37,11 @@ def test_a_run_learns_the_tiny_dataset(finished_run):
 
 
 def test_run_directory_holds_checkpoints_metrics_and_event_files(finished_run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     run_dir, _ = finished_run
     written = json.loads((run_dir / "metrics.json").read_text())
     assert {"test_acc", "test_loss", "val_acc_best", "epochs", "train_seconds"} <= set(written)
     assert written["epochs"] == 3 and written["global_step"] == 3 * 16  # 500 training images in batches of 32
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
-    val_acc = [e.value for e in events.Scalars("val/acc")]
+    val_acc = list(tensorboard_scalars(run_dir, "val/acc").values())
     assert len(val_acc) == 3 and written["val_acc_best"] == pytest.approx(max(val_acc))
     best = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -110,14 +107,12 @@ def test_checkpoints_load_with_weights_only_and_hold_plain_hyperparameters(finis
 
 
 def test_hparams_tab_holds_a_curated_row_and_no_duplicate_scalars(finished_run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     from cnnlab.run_record import HPARAMS_METRICS
 
     run_dir, metrics = finished_run
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    events.Reload()
+    events = tensorboard_events(run_dir)
     content = events.PluginTagToContent("hparams")
     data = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
     assert [m.name.tag for m in data.experiment.metric_infos] == list(HPARAMS_METRICS)
@@ -281,18 +276,12 @@ def test_keep_freed_memory_keeps_a_freed_activation_in_the_heap_for_the_next_ste
 def test_the_train_command_keeps_freed_memory_but_train_as_a_library_call_leaves_the_allocator_alone(
     tiny_data, tmp_path
 ):
-    import os
-
-    from tests.conftest import REPO
-
     probe = ["+callbacks.probe._target_=tests.ddp_helpers.AllocatorProbe", "trainer.max_epochs=1", "test=false"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
     kept = {}
     for setting in ("true", "false"):
         out = tmp_path / f"{setting}.txt"
         args = [*fast_overrides(tiny_data), *probe, f"+callbacks.probe.output={out}", f"keep_freed_memory={setting}"]
-        command = [sys.executable, str(REPO / "scripts" / "train.py"), *args, f"hydra.run.dir={tmp_path / setting}"]
-        subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+        run_script("train", *args, f"hydra.run.dir={tmp_path / setting}", cwd=tmp_path, check=True)
         kept[setting] = int(out.read_text())
     assert kept["true"] >= 20 * 2**20 and kept["false"] < 10 * 2**20
     # train() called from another program, with the setting on: that program's allocator is its own business
@@ -302,6 +291,6 @@ def test_the_train_command_keeps_freed_memory_but_train_as_a_library_call_leaves
     )
     out = tmp_path / "library.txt"
     args = [*fast_overrides(tiny_data), *probe, f"+callbacks.probe.output={out}", "keep_freed_memory=true"]
-    subprocess.run([sys.executable, "-c", library_call, *args, str(tmp_path / "lib")], cwd=tmp_path, env=env,
-                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run([sys.executable, "-c", library_call, *args, str(tmp_path / "lib")], cwd=tmp_path,
+                   env=script_env(), check=True, capture_output=True, timeout=300)  # fmt: skip
     assert int(out.read_text()) < 10 * 2**20
