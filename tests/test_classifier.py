@@ -144,3 +144,25 @@ def test_training_sums_agree_with_torchmetrics_mean_and_accuracy_and_reset_each_
     sums.reset()
     sums.update(torch.tensor(2.0), torch.eye(10)[:4], torch.tensor([0, 1, 2, 9]))
     assert sums.compute()["loss"].item() == 2.0 and sums.compute()["acc"].item() == 0.75
+
+
+def test_optimizer_settings_reach_torch_as_plain_values_so_checkpoints_load_with_weights_only(
+    tiny_data, tmp_path, monkeypatch
+):
+    from omegaconf import OmegaConf
+
+    seen: dict = {}
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            seen.update(kwargs)
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)  # what optimizer=adamw's _target_ resolves to
+    cfg = compose_config([*fast_overrides(tiny_data), "optimizer=adamw", "scheduler=none"], tmp_path)
+    classifier = build_classifier(cfg)
+    classifier.trainer = L.Trainer(max_steps=10, logger=False)  # the schedule's length comes from the trainer
+    classifier.configure_optimizers()
+    assert seen and not any(OmegaConf.is_config(v) for v in seen.values()), seen
+    # torch before 2.6 kept a ListConfig `betas` in the optimizer state, which torch.load(weights_only=True) refuses
+    assert isinstance(seen["betas"], list | tuple)

@@ -34,7 +34,7 @@ def schedule_span(scheduler: dict[str, Any] | None, total_steps: int) -> dict[st
     to be filled in, with their values for a run of total_steps optimizer steps."""
     if not scheduler:
         return {}
-    partial = instantiate(scheduler)
+    partial = instantiate(scheduler, _convert_="all")
     params = inspect.signature(partial.func).parameters
     # OneCycleLR divides by zero on a few steps; a run that short (a smoke test) stops early instead.
     steps = max(total_steps, MIN_SCHEDULE_STEPS)
@@ -48,7 +48,7 @@ def make_scheduler(scheduler: dict[str, Any] | None, optimizer: Optimizer, total
     """
     if not scheduler:
         return None
-    partial = instantiate(scheduler)
+    partial = instantiate(scheduler, _convert_="all")
     filled: dict[str, Any] = schedule_span(scheduler, total_steps)
     scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
     if "max_lr" in partial.keywords and any(scale != 1.0 for scale in scales):
@@ -258,7 +258,8 @@ class ImageClassifier(L.LightningModule):
         return [group for group in groups if group["params"]]
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = instantiate(self.hparams.optimizer)(self.parameter_groups())
+        # _convert_="all": plain lists (AdamW betas), so the optimizer state in a checkpoint loads with weights_only
+        optimizer = instantiate(self.hparams.optimizer, _convert_="all")(self.parameter_groups())
         scheduler = make_scheduler(self.hparams.scheduler, optimizer, int(self.trainer.estimated_stepping_batches))
         if scheduler is None:
             return {"optimizer": optimizer}
