@@ -245,8 +245,11 @@ def test_predict_script_output_piped_holds_the_table_alone(trained, tmp_path):
 
 def test_a_terminal_shows_a_progress_bar_for_many_batches(trained, tmp_path, monkeypatch, capsys):
     save_test_digits(trained, tmp_path / "images")
-    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # Rich treats the captured stderr as an interactive terminal
-    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    from rich.console import Console
+
+    # Rich treats the captured stderr as an interactive terminal (a property, so every Rich version obeys it)
+    monkeypatch.setattr(Console, "is_terminal", property(lambda self: True))
+    monkeypatch.setenv("TERM", "xterm-256color")
     predict(predict_config(f"ckpt_path={trained}", f"inputs={tmp_path / 'images'}", "batch_size=2"))
     assert f"Classifying {COUNT} images" in capsys.readouterr().err
     predict(predict_config(f"ckpt_path={trained}", f"inputs={tmp_path / 'images'}", "batch_size=8"))  # 3 batches
