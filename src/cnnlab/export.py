@@ -11,8 +11,6 @@ within the tolerance.
 """
 
 import io
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from cnnlab.atomic_files import move_into_place
+from cnnlab.atomic_files import atomic_path
 from cnnlab.checkpoints import classifier_from_checkpoint, data_config, load_checkpoint
 from cnnlab.classifier import InferenceNet
 from cnnlab.errors import UserError
@@ -111,11 +109,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     with torch.inference_mode():
         expected = model(check).numpy()
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(output) as tmp:  # renamed to output only if the export reproduces PyTorch
         if cfg.format == "onnx":
             export_onnx(model, example, tmp, cfg.opset, onnx_metadata(description))
             got = run_onnx(tmp, check)
@@ -129,9 +123,6 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                 f"{expected.shape}, largest difference {max_abs_diff:.3g} > tolerance={cfg.tolerance}. Nothing was "
                 "written; try the other format."
             )
-        move_into_place(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     result = {
         "output": str(output),
         "format": cfg.format,
