@@ -249,12 +249,11 @@ class ImageClassifier(L.LightningModule):
         if scale == 1.0:
             return [p for _, p in named]
         fresh = set(finetune.get("fresh", []))
+        lr = self.hparams.optimizer["lr"] * scale
         groups = [
-            {"params": [p for n, p in named if n not in fresh], "lr": self.hparams.optimizer["lr"] * scale},
-            {"params": [p for n, p in named if n in fresh]},
+            {"params": [p for n, p in named if n not in fresh], "lr": lr, "lr_scale": scale},
+            {"params": [p for n, p in named if n in fresh], "lr_scale": 1.0},
         ]
-        for group, group_scale in zip(groups, (scale, 1.0)):
-            group["lr_scale"] = group_scale
         return [group for group in groups if group["params"]]
 
     def configure_optimizers(self) -> dict[str, Any]:
