@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
 from cnnlab.atomic_files import write_text_atomic
+from cnnlab.console import short_name
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -27,7 +28,7 @@ def hparams_row(cfg: DictConfig, parameters: int, global_batch: int) -> dict[str
     """The settings a person compares across runs, flat and short (the whole config is in .hydra/config.yaml)."""
 
     def name(node: Any) -> str:
-        return str(node["_target_"]).rsplit(".", 1)[-1] if node and node.get("_target_") else "none"
+        return short_name(node.get("_target_") if node else None)
 
     ema = (cfg.get("callbacks") or {}).get("ema")
     return {
