@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from cnnlab.train import build_classifier, train
-from tests.conftest import compose_config, fast_overrides
+from tests.conftest import compose_config, quick_run
 
 # Two short epochs reach about 80% tiny test accuracy: right on most images but not all, so errors and ranks
 # mean something.
@@ -15,12 +15,12 @@ BRIEF = ["trainer.max_epochs=2", "trainer.limit_train_batches=8", "optimizer.lr=
 
 def train_briefly(data_dir: Path, run_dir: Path, *extra: str) -> dict:
     """train() on the tiny data; returns its metrics (the run's best.ckpt is under run_dir/checkpoints/)."""
-    return train(compose_config([*fast_overrides(data_dir), *BRIEF, *extra], run_dir))
+    return train(compose_config(quick_run(data_dir, *BRIEF, *extra), run_dir))
 
 
 def save_untrained_checkpoint(path: Path, data_dir: Path, model: str = "lenet5", data: str = "mnist") -> Path:
     """A checkpoint as cnnlab writes it (state_dict + plain hyper_parameters), of an untrained model."""
-    cfg = compose_config(fast_overrides(data_dir, model, data), path.parent)
+    cfg = compose_config(quick_run(data_dir, model=model, data=data), path.parent)
     classifier = build_classifier(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": classifier.state_dict(), "hyper_parameters": dict(classifier.hparams)}, path)

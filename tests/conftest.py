@@ -183,20 +183,35 @@ def compose_config(overrides: list[str], run_dir: Path, config_name: str = "trai
         return compose(config_name=config_name, overrides=[*overrides, f"run_dir={run_dir}"])
 
 
-def fast_overrides(data_dir: Path, model: str = "lenet5", data: str = "mnist") -> list[str]:
-    """Overrides for a quick CPU run on tiny data."""
-    return [
-        f"model={model}",
-        f"data={data}",
-        f"data.data_dir={data_dir}",
-        "data.batch_size=32",
-        "data.eval_batch_size=64",
-        "data.val_size=100",
-        "data.download=false",
-        "trainer=cpu",
-        "callbacks.progress_bar=null",
-        "+trainer.enable_progress_bar=false",
-    ]
+DDP_ON_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]  # two gloo processes
+
+
+def quick_run(
+    data_dir: Path | str | None = None,
+    *extra: str,
+    model: str | None = None,
+    data: str | None = None,
+    trainer: str | None = "cpu",
+    progress_bar: bool = False,
+) -> list[str]:
+    """The overrides of every quick test run: small batches, 100 validation images, offline, on the CPU, then extra.
+
+    The one place that says how the suite shortens a run. Everything else (checkpoints, EMA, schedules, callbacks)
+    stays as shipped unless extra says otherwise; a later override of a key wins, so extra can replace any of these.
+    Args:
+        data_dir: data.data_dir; None keeps the config's (a script run in a folder holding data/).
+        model, data: the config groups; None keeps the shipped ones (lenet5, mnist).
+        trainer: the trainer config group; None leaves it to extra (DDP_ON_CPU) or the shipped default.
+        progress_bar: keep the shipped progress bar (the scripts' own output is under test) instead of none.
+    """
+    overrides = [f"model={model}"] if model else []
+    overrides += [f"data={data}"] if data else []
+    overrides += [f"data.data_dir={data_dir}"] if data_dir is not None else []
+    overrides += ["data.batch_size=32", "data.eval_batch_size=64", "data.val_size=100"]
+    overrides += [] if data == "folder" else ["data.download=false"]  # image folders are never downloaded
+    overrides += [f"trainer={trainer}"] if trainer else []
+    overrides += [] if progress_bar else ["callbacks.progress_bar=null", "+trainer.enable_progress_bar=false"]
+    return [*overrides, *extra]
 
 
 @pytest.hookimpl(hookwrapper=True)

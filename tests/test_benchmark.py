@@ -5,11 +5,11 @@ import json
 import pytest
 
 from cnnlab.benchmark import benchmark
-from tests.conftest import compose_config, fast_overrides
+from tests.conftest import compose_config, quick_run
 
 
 def bench_config(tiny_data, tmp_path, *extra):
-    overrides = [*fast_overrides(tiny_data), "steps=4", "warmup_steps=2", "repeats=1", *extra]
+    overrides = quick_run(tiny_data, "steps=4", "warmup_steps=2", "repeats=1", *extra)
     return compose_config(overrides, tmp_path, config_name="benchmark")
 
 

@@ -9,11 +9,11 @@ from lightning.pytorch.loggers import CSVLogger
 
 from cnnlab.classifier import ImageClassifier
 from cnnlab.train import build_classifier
-from tests.conftest import compose_config, fast_overrides
+from tests.conftest import compose_config, quick_run
 
 
 def setup_run(tiny_data, tmp_path, model="resnet8", data="mnist", **trainer_args):
-    cfg = compose_config(fast_overrides(tiny_data, model, data), tmp_path)
+    cfg = compose_config(quick_run(tiny_data, model=model, data=data), tmp_path)
     dm = instantiate(cfg.data)
     trainer_args = {"logger": False, **trainer_args}
     trainer = L.Trainer(
@@ -159,7 +159,7 @@ def test_optimizer_settings_reach_torch_as_plain_values_so_checkpoints_load_with
             super().__init__(params, **kwargs)
 
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)  # what optimizer=adamw's _target_ resolves to
-    cfg = compose_config([*fast_overrides(tiny_data), "optimizer=adamw", "scheduler=none"], tmp_path)
+    cfg = compose_config(quick_run(tiny_data, "optimizer=adamw", "scheduler=none"), tmp_path)
     classifier = build_classifier(cfg)
     classifier.trainer = L.Trainer(max_steps=10, logger=False)  # the schedule's length comes from the trainer
     classifier.configure_optimizers()

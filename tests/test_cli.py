@@ -10,16 +10,11 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, quick_run
 from tests.launch import free_port, run_script
 
-QUICK = [
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=4",
-    "data.batch_size=32",
-    "data.val_size=100",
-    "data.download=false",
-]
+# The scripts' own output is under test here: the shipped trainer and progress bar, one short epoch.
+QUICK = quick_run(None, "trainer.max_epochs=1", "trainer.limit_train_batches=4", trainer=None, progress_bar=True)
 
 
 def test_train_script_writes_a_run_dir_under_the_working_directory(tiny_data, tmp_path):

@@ -12,11 +12,11 @@ from cnnlab.data import CIFAR10DataModule, MNISTDataModule
 from cnnlab.data.formats import read_cifar_batch, read_idx, write_idx
 from cnnlab.data.tensor_loader import BatchTransform, EpochSampler
 from cnnlab.errors import UserError
-from tests.conftest import DATASETS, compose_config, fast_overrides, make_cifar, make_mnist
+from tests.conftest import DATASETS, compose_config, make_cifar, make_mnist, quick_run
 
 
 def datamodule(data_dir: Path, data: str, tmp_path: Path, *extra: str):
-    cfg = compose_config([*fast_overrides(data_dir, data=data), *extra], tmp_path)
+    cfg = compose_config(quick_run(data_dir, *extra, data=data), tmp_path)
     return instantiate(cfg.data)
 
 
@@ -126,7 +126,7 @@ def test_a_cifar_validation_split_that_leaves_no_training_images_stops_the_run_w
     from cnnlab.train import train
 
     # CIFAR-10 has no cheap header to read its size from before the run starts: the check comes when it is loaded.
-    cfg = compose_config([*fast_overrides(tiny_data, "lenet5", "cifar10"), "data.val_size=500"], tmp_path)
+    cfg = compose_config(quick_run(tiny_data, "data.val_size=500", model="lenet5", data="cifar10"), tmp_path)
     with pytest.raises(UserError, match=r"data.val_size=500 must be .* below the 500 training images"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.json").exists()

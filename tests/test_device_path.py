@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 from cnnlab.data.tensor_loader import BatchTransform, EpochSampler, TensorLoader
 from cnnlab.stopping import StopOnNonFiniteLoss
 from cnnlab.train import build_trainer, train
-from tests.conftest import MODELS, compose_config, fast_overrides
+from tests.conftest import MODELS, compose_config, quick_run
 from tests.step_window import OpRecorder, RecordOps
 
 # ATen operations whose CUDA kernels are nondeterministic with no deterministic variant: under
@@ -56,14 +56,16 @@ def data_for(model: str) -> str:
 def recorded_steps(request, tiny_data, tmp_path_factory):
     """The ATen operations of four training steps (batches 2-5) of a run with the default callbacks and logger."""
     model = request.param
-    with_bar = [o for o in fast_overrides(tiny_data, model, data_for(model)) if "progress_bar" not in o]
-    overrides = [
-        *with_bar,
+    overrides = quick_run(
+        tiny_data,
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=7",
         "trainer.limit_val_batches=1",
         "test=false",
-    ]
+        model=model,
+        data=data_for(model),
+        progress_bar=True,
+    )
     window = RecordOps(first=2, last=5)
     with pytest.MonkeyPatch.context() as patch:
         # The NaN check reads the loss every step only where reads are free (the CPU); this run takes the path it
@@ -120,7 +122,7 @@ def test_compiled_run_builds_one_training_graph_and_one_evaluation_graph(tiny_da
     # of 56 leave last batches of 44 (validation) and 32 (test), which one graph serves. (On a CPU the convolution
     # algorithm depends on whether a batch holds at least 16 images, so smaller last batches would compile apart.)
     overrides = [
-        *fast_overrides(tiny_data),
+        *quick_run(tiny_data),
         "trainer.max_epochs=2",
         "data.eval_batch_size=56",
         "compile.enabled=true",
@@ -138,12 +140,12 @@ def test_compiled_run_builds_one_training_graph_and_one_evaluation_graph(tiny_da
 
 
 def test_uncompiled_run_keeps_every_training_batch(tiny_data, tmp_path):
-    metrics = train(compose_config([*fast_overrides(tiny_data), "trainer.max_epochs=1", "test=false"], tmp_path))
+    metrics = train(compose_config(quick_run(tiny_data, "trainer.max_epochs=1", "test=false"), tmp_path))
     assert metrics["global_step"] == -(-500 // 32)
 
 
 def test_deterministic_run_goes_without_cudnn_autotuning(tiny_data, tmp_path):
-    overrides = [*fast_overrides(tiny_data), "trainer.deterministic=true", "trainer.benchmark=true"]
+    overrides = quick_run(tiny_data, "trainer.deterministic=true", "trainer.benchmark=true")
     try:
         build_trainer(compose_config(overrides, tmp_path))
         assert torch.are_deterministic_algorithms_enabled()
@@ -165,8 +167,8 @@ def test_progress_bar_shows_the_loss_of_the_last_step_it_redrew_at(tiny_data, tm
             self.shown.append(bar.get_metrics(trainer, pl_module).get("loss"))
 
     bar, shown = SparseRichProgressBar(refresh_rate=5), Shown()
-    without_bar = [o for o in fast_overrides(tiny_data) if "enable_progress_bar" not in o]
-    overrides = [*without_bar, "trainer.max_epochs=1", "trainer.limit_train_batches=12", "test=false"]
+    extra = ["callbacks.progress_bar=null", "trainer.max_epochs=1", "trainer.limit_train_batches=12", "test=false"]
+    overrides = quick_run(tiny_data, *extra, progress_bar=True)  # only the bar given to train() below
     train(compose_config(overrides, tmp_path), extra_callbacks=[bar, shown])
     losses = shown.losses
     assert shown.shown == [None] * 4 + [losses[4]] * 5 + [losses[9]] * 2 + [losses[11]]

@@ -12,19 +12,10 @@ import torch
 from hydra.utils import instantiate
 
 from cnnlab.classifier import ImageClassifier
-from tests.conftest import make_mnist
+from tests.conftest import DDP_ON_CPU, make_mnist, quick_run
 from tests.launch import free_port, run_script, script_env, script_path
 
-TWO_EPOCHS = [
-    "trainer.max_epochs=2",
-    "trainer.limit_train_batches=4",
-    "data.batch_size=32",
-    "data.eval_batch_size=64",
-    "data.val_size=100",
-    "data.download=false",
-    "callbacks.progress_bar=null",
-    "+trainer.enable_progress_bar=false",
-]
+TWO_EPOCHS = quick_run(None, "trainer.max_epochs=2", "trainer.limit_train_batches=4", trainer=None)  # DDP comes first
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +25,7 @@ def odd_mnist(tmp_path_factory) -> Path:
 
 
 def test_two_process_ddp_writes_one_run_dir_and_a_checkpoint_one_process_loads(odd_mnist, tmp_path):
-    args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"data.data_dir={odd_mnist}", *TWO_EPOCHS]
+    args = [*DDP_ON_CPU, f"data.data_dir={odd_mnist}", *TWO_EPOCHS]
     result = run_script("train", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting with 2 processes" in result.stdout + result.stderr

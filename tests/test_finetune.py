@@ -8,7 +8,7 @@ import torch
 
 from cnnlab.errors import UserError
 from cnnlab.train import train
-from tests.conftest import compose_config, fast_overrides, make_image_folder
+from tests.conftest import compose_config, make_image_folder, quick_run
 
 THREE = ["cat", "dog", "fox"]
 
@@ -17,7 +17,7 @@ THREE = ["cat", "dog", "fox"]
 def mnist_run(tiny_data, tmp_path_factory) -> Path:
     """LeNet-5 with BatchNorm, trained on the tiny MNIST: the weights the tests below start from."""
     run_dir = tmp_path_factory.mktemp("mnist_run")
-    train(compose_config([*fast_overrides(tiny_data), "model.batch_norm=true", "trainer.max_epochs=2"], run_dir))
+    train(compose_config(quick_run(tiny_data, "model.batch_norm=true", "trainer.max_epochs=2"), run_dir))
     return run_dir / "checkpoints" / "best.ckpt"
 
 
@@ -28,19 +28,8 @@ def three_classes(tmp_path_factory) -> Path:
 
 
 def finetune_overrides(folder: Path, source: Path, *extra: str) -> list[str]:
-    return [
-        "data=folder",
-        f"data.data_dir={folder}",
-        "data.image_shape=[1,28,28]",
-        "data.batch_size=32",
-        "data.val_size=60",
-        "model.batch_norm=true",
-        "trainer=cpu",
-        "callbacks.progress_bar=null",
-        "+trainer.enable_progress_bar=false",
-        f"init_from={source}",
-        *extra,
-    ]
+    fit = ["data.image_shape=[1,28,28]", "data.val_size=60", "model.batch_norm=true", f"init_from={source}"]
+    return quick_run(folder, *fit, *extra, data="folder")
 
 
 def model_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -87,7 +76,7 @@ def test_backbone_lr_scale_gives_the_carried_weights_a_smaller_peak_rate(mnist_r
 
 
 def test_a_checkpoint_of_another_architecture_is_refused_in_one_paragraph(mnist_run, tiny_data, tmp_path):
-    overrides = [*fast_overrides(tiny_data, "resnet8", "cifar10"), f"init_from={mnist_run}"]
+    overrides = quick_run(tiny_data, f"init_from={mnist_run}", model="resnet8", data="cifar10")
     with pytest.raises(UserError, match="holds a cnnlab.models.LeNet5 but this run builds a cnnlab.models.ResNet"):
         train(compose_config(overrides, tmp_path))
     assert not (tmp_path / "checkpoints").exists()
@@ -103,7 +92,7 @@ def test_a_checkpoint_of_another_architecture_is_refused_in_one_paragraph(mnist_
 )
 def test_fine_tuning_settings_that_cannot_work_are_refused_before_training(tiny_data, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
-        train(compose_config([*fast_overrides(tiny_data), *extra], tmp_path))
+        train(compose_config(quick_run(tiny_data, *extra), tmp_path))
     assert not (tmp_path / "metrics.json").exists()
 
 

@@ -20,25 +20,14 @@ from cnnlab.evaluate import evaluate
 from cnnlab.predict import predict
 from cnnlab.train import train
 from cnnlab.validation import check_model_fits_data
-from tests.conftest import FOLDER_CLASSES, MODELS, compose_config, make_image_folder
+from tests.conftest import FOLDER_CLASSES, MODELS, compose_config, make_image_folder, quick_run
 from tests.launch import run_script
 from tests.test_predict import predict_config
 
 
 def folder_overrides(root: Path, model: str = "resnet8", *extra: str) -> list[str]:
     """A quick CPU run on a tiny image folder."""
-    return [
-        f"model={model}",
-        "data=folder",
-        f"data.data_dir={root}",
-        "data.batch_size=32",
-        "data.eval_batch_size=64",
-        "data.val_size=40",
-        "trainer=cpu",
-        "callbacks.progress_bar=null",
-        "+trainer.enable_progress_bar=false",
-        *extra,
-    ]
+    return quick_run(root, "data.val_size=40", *extra, model=model, data="folder")
 
 
 def folder_module_for(root: Path, **settings) -> FolderDataModule:

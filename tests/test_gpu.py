@@ -25,7 +25,7 @@ from cnnlab.evaluate import evaluate, logits_and_labels
 from cnnlab.export import export
 from cnnlab.predict import predict
 from cnnlab.train import train
-from tests.conftest import MODELS, compose_config, fast_overrides
+from tests.conftest import MODELS, compose_config, quick_run
 from tests.step_window import ForbidCudaSync
 
 pytestmark = [
@@ -44,13 +44,9 @@ def data_for(model: str) -> str:
 
 
 def gpu_overrides(tiny_data: Path, model: str, *extra: str, trainer: str = "gpu", progress_bar: bool = False) -> list:
-    """fast_overrides on a GPU trainer (trainer=gpu: bf16-mixed, cuDNN autotuning) instead of trainer=cpu."""
-    overrides = [
-        f"trainer={trainer}" if o == "trainer=cpu" else o for o in fast_overrides(tiny_data, model, data_for(model))
-    ]
-    if progress_bar:  # the configured bar (redrawn every 20 steps), as a user's run has it
-        overrides = [o for o in overrides if "progress_bar" not in o]
-    return [*overrides, *extra]
+    """quick_run on a GPU trainer (trainer=gpu: bf16-mixed, cuDNN autotuning) instead of trainer=cpu."""
+    # progress_bar: the configured bar (redrawn every 20 steps), as a user's run has it
+    return quick_run(tiny_data, *extra, model=model, data=data_for(model), trainer=trainer, progress_bar=progress_bar)
 
 
 def compose_plain(config_name: str, *overrides: str):

@@ -9,7 +9,7 @@ from cnnlab.conv_images import feature_map_grid, filter_grid, first_conv
 from cnnlab.inspect_model import layer_table
 from cnnlab.models import LeNet5
 from cnnlab.train import train
-from tests.conftest import DATASETS, MODELS, compose_config, fast_overrides
+from tests.conftest import DATASETS, MODELS, compose_config, quick_run
 from tests.launch import run_script, tensorboard_events
 
 
@@ -78,7 +78,7 @@ def test_filter_and_feature_map_grids_are_images_in_unit_range():
 
 def test_training_logs_filters_and_feature_maps_every_epoch(tiny_data, tmp_path):
     overrides = [
-        *fast_overrides(tiny_data),
+        *quick_run(tiny_data),
         "trainer.max_epochs=2",
         "trainer.limit_train_batches=2",
         "callbacks.conv_images.every_n_epochs=1",

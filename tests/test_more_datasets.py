@@ -18,9 +18,9 @@ from tests.conftest import (
     CIFAR100_FINE,
     MODELS,
     compose_config,
-    fast_overrides,
     make_cifar100,
     make_mnist,
+    quick_run,
 )
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag"]
@@ -36,7 +36,7 @@ def more_data(tmp_path_factory) -> Path:
 
 
 def composed(data_dir: Path, data: str, tmp_path: Path, *extra: str, model: str = "lenet5"):
-    cfg = compose_config([*fast_overrides(data_dir, model, data), *extra], tmp_path)
+    cfg = compose_config(quick_run(data_dir, *extra, model=model, data=data), tmp_path)
     with open_dict(cfg):
         cfg.data.update(instantiate(cfg.data).discover())  # as train() does
     return cfg
@@ -107,7 +107,7 @@ def test_every_model_fits_the_new_data_configs(more_data, tmp_path, model, data,
 
 
 def test_a_cifar100_coarse_run_stores_the_superclass_names_in_its_checkpoint(more_data, tmp_path):
-    overrides = [*fast_overrides(more_data, "resnet8", "cifar100"), "data.label_kind=coarse"]
+    overrides = quick_run(more_data, "data.label_kind=coarse", model="resnet8", data="cifar100")
     cfg = compose_config([*overrides, "trainer.max_epochs=1", "trainer.limit_train_batches=2"], tmp_path)
     metrics = train(cfg)
     ckpt = torch.load(metrics["best_checkpoint"], weights_only=True, map_location="cpu")

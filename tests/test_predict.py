@@ -20,7 +20,7 @@ from cnnlab.evaluate import logits_and_labels
 from cnnlab.export import export
 from cnnlab.predict import load_image, predict, progress_bar
 from tests.checkpoint_helpers import save_untrained_checkpoint
-from tests.conftest import CIFAR_CLASSES, compose_config
+from tests.conftest import CIFAR_CLASSES, compose_config, quick_run
 from tests.launch import run_script
 
 COUNT = 20
@@ -324,20 +324,9 @@ def test_an_unknown_device_is_a_user_error():
 
 
 def test_real_mnist_digits_saved_as_png_are_predicted_as_eval_predicts_them(real_data, tmp_path):
+    steps = ["data.batch_size=128", "trainer.max_epochs=1", "trainer.limit_train_batches=150"]  # 19,200 digits
     cfg = compose_config(
-        [
-            f"data.data_dir={real_data}",
-            "data.download=false",
-            "trainer=cpu",
-            "trainer.max_epochs=1",
-            "trainer.limit_train_batches=150",
-            "trainer.limit_val_batches=1",
-            "test=false",
-            "logger=csv",
-            "callbacks.progress_bar=null",
-            "+trainer.enable_progress_bar=false",
-        ],
-        tmp_path / "run",
+        quick_run(real_data, *steps, "trainer.limit_val_batches=1", "test=false", "logger=csv"), tmp_path / "run"
     )
     from cnnlab.train import train
 

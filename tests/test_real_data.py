@@ -6,7 +6,7 @@ import numpy as np
 
 from cnnlab.data.formats import read_cifar_pickle
 from cnnlab.train import train
-from tests.conftest import compose_config, fast_overrides
+from tests.conftest import compose_config, quick_run
 from tests.launch import run_script
 
 
@@ -27,7 +27,7 @@ def test_mnist_fast_reaches_the_accuracy_its_config_documents_on_real_mnist(real
 
 
 def test_real_cifar10_batches_load_despite_their_rebuilt_checksums(real_data, tmp_path):
-    overrides = [*fast_overrides(real_data, "resnet8", "cifar10"), "data.val_size=5000", "trainer.fast_dev_run=true"]
+    overrides = quick_run(real_data, "data.val_size=5000", "trainer.fast_dev_run=true", model="resnet8", data="cifar10")
     metrics = train(compose_config(overrides, tmp_path))
     assert metrics["global_step"] == 1
     env = json.loads((tmp_path / "env.json").read_text())

@@ -17,7 +17,7 @@ from cnnlab.checkpoint_io import atomic_torch_save
 from cnnlab.data.tensor_loader import BatchTransform, EpochSampler, TensorLoader
 from cnnlab.resume import resume_arguments
 from cnnlab.train import train
-from tests.conftest import compose_config, fast_overrides, make_mnist
+from tests.conftest import compose_config, make_mnist, quick_run
 from tests.launch import run_script, start_script, tensorboard_scalars
 
 
@@ -27,22 +27,16 @@ def mnist_dir(tmp_path_factory) -> Path:
     return make_mnist(tmp_path_factory.mktemp("mnist"), n_train=1700, n_test=300)
 
 
-def quick(data_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"data.data_dir={data_dir}",
-        "data.batch_size=32",
-        "data.eval_batch_size=100",
-        "data.val_size=100",
-        "data.download=false",
-        "trainer=cpu",
-        "trainer.max_epochs=3",
-        "trainer.log_every_n_steps=1",
-        "callbacks.progress_bar=null",
-        "+trainer.enable_progress_bar=false",
-        "callbacks.last_checkpoint.every_n_train_steps=3",
-        "callbacks.last_checkpoint.train_time_interval=null",
-        *extra,
-    ]
+SAVE_EVERY_3_STEPS = [
+    "callbacks.last_checkpoint.every_n_train_steps=3",
+    "callbacks.last_checkpoint.train_time_interval=null",
+]
+
+
+def three_epochs(data_dir: Path, *extra: str) -> list[str]:
+    """Three epochs of 50 steps with the loss logged every step; last.ckpt as shipped unless extra says otherwise."""
+    three = ["data.eval_batch_size=100", "trainer.max_epochs=3", "trainer.log_every_n_steps=1"]
+    return quick_run(data_dir, *three, *extra)
 
 
 def wait_for_step_checkpoint(proc: subprocess.Popen, ckpt: Path) -> None:
@@ -104,7 +98,7 @@ def test_every_checkpoint_a_run_writes_is_a_temporary_file_in_its_folder_renamed
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", recording_replace)
-    train(compose_config([*fast_overrides(tiny_data), "trainer.max_epochs=2", "test=false"], tmp_path))
+    train(compose_config(quick_run(tiny_data, "trainer.max_epochs=2", "test=false"), tmp_path))
     written = [(src, dst) for src, dst in renames if dst.suffix == ".ckpt"]
     names = [dst.name for _, dst in written]
     assert names.count("last.ckpt") == 2 and 1 <= names.count("best.ckpt") <= 2  # at each epoch end
@@ -142,14 +136,14 @@ def test_a_restored_tensor_loader_serves_the_rest_of_the_epoch_exactly(augment):
 @pytest.fixture(scope="module")
 def uninterrupted(mnist_dir, tmp_path_factory) -> tuple[Path, dict]:
     cwd = tmp_path_factory.mktemp("uninterrupted")
-    result = run_script("train", *quick(mnist_dir, "hydra.run.dir=run"), cwd=cwd)
+    result = run_script("train", *three_epochs(mnist_dir, *SAVE_EVERY_3_STEPS, "hydra.run.dir=run"), cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd / "run", json.loads((cwd / "run" / "metrics.json").read_text())
 
 
 def test_sigkilled_run_resumes_in_place_and_ends_like_an_uninterrupted_one(mnist_dir, tmp_path, uninterrupted):
     ref_dir, ref = uninterrupted
-    proc = start_script("train", *quick(mnist_dir), cwd=tmp_path)
+    proc = start_script("train", *three_epochs(mnist_dir, *SAVE_EVERY_3_STEPS), cwd=tmp_path)
     (run_dir,) = _wait_for_run_dir(proc, tmp_path)
     wait_for_step_checkpoint(proc, run_dir / "checkpoints" / "last.ckpt")
     proc.send_signal(signal.SIGKILL)
@@ -183,7 +177,7 @@ def test_a_kill_with_the_shipped_checkpoint_settings_loses_only_the_steps_since_
     mnist_dir, tmp_path, uninterrupted
 ):
     ref_dir, ref = uninterrupted
-    shipped = [a for a in quick(mnist_dir) if not a.startswith("callbacks.last_checkpoint.")]  # 10 minutes, epoch ends
+    shipped = three_epochs(mnist_dir)  # 10 minutes, epoch ends
     killer = ["+callbacks.kill._target_=tests.ddp_helpers.KillAtStep", "+callbacks.kill.step=60",
               f"+callbacks.kill.marker={tmp_path / 'killed'}"]  # fmt: skip
     killed = run_script("train", *shipped, *killer, "hydra.run.dir=run", cwd=tmp_path, timeout=600)
@@ -211,7 +205,7 @@ def _wait_for_run_dir(proc: subprocess.Popen, cwd: Path) -> list[Path]:
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_the_run_and_prints_the_resume_command(mnist_dir, tmp_path, uninterrupted, sig, code):
     ref_dir, ref = uninterrupted
-    proc = start_script("train", *quick(mnist_dir, "hydra.run.dir=run"), cwd=tmp_path)
+    proc = start_script("train", *three_epochs(mnist_dir, *SAVE_EVERY_3_STEPS, "hydra.run.dir=run"), cwd=tmp_path)
     run_dir = tmp_path / "run"
     wait_for_step_checkpoint(proc, run_dir / "checkpoints" / "last.ckpt")
     proc.send_signal(sig)
@@ -237,7 +231,7 @@ def test_a_second_ctrl_c_aborts_at_once_without_waiting_for_the_step_to_end(mnis
     marker = tmp_path / "in_the_long_step"
     sleeper = ["+callbacks.slow._target_=tests.ddp_helpers.SleepAtStep", "+callbacks.slow.step=5",
                f"+callbacks.slow.marker={marker}"]  # fmt: skip
-    shipped = [a for a in quick(mnist_dir) if not a.startswith("callbacks.last_checkpoint.")]
+    shipped = three_epochs(mnist_dir)
     proc = start_script("train", *shipped, *sleeper, "hydra.run.dir=run", cwd=tmp_path)
     wait_for_step_checkpoint(proc, marker)  # inside step 5's two-minute end
     proc.send_signal(signal.SIGINT)  # the first asks for a stop after this step ...
@@ -266,7 +260,7 @@ def test_the_torchvision_loader_restarts_an_interrupted_epoch_from_its_first_bat
             if trainer.global_step == 5:
                 raise RuntimeError("crash")
 
-    overrides = [*fast_overrides(tiny_data), "data.loader=torchvision", "trainer.max_epochs=1", "test=false",
+    overrides = [*quick_run(tiny_data), "data.loader=torchvision", "trainer.max_epochs=1", "test=false",
                  "callbacks.last_checkpoint.every_n_train_steps=3"]  # fmt: skip
     first = RecordBatches()
     with pytest.raises(RuntimeError, match="crash"):
@@ -305,7 +299,7 @@ def test_resume_arguments_replay_the_original_overrides_and_keep_the_folder(tmp_
 
 # --- determinism and divergence --------------------------------------------------------------------------------------
 def test_the_same_seed_gives_identical_metrics_on_cpu(tiny_data, tmp_path):
-    overrides = [*fast_overrides(tiny_data), "trainer.max_epochs=2"]
+    overrides = quick_run(tiny_data, "trainer.max_epochs=2")
     first = train(compose_config(overrides, tmp_path / "a"))
     second = train(compose_config(overrides, tmp_path / "b"))
     timeless = {k for k in first if "seconds" not in k and "per_second" not in k and k != "best_checkpoint"}
@@ -318,7 +312,7 @@ def test_an_early_divergence_with_the_shipped_settings_leaves_last_ckpt_with_the
     from cnnlab.stopping import NonFiniteLoss
     from tests.test_train import RecordWeights
 
-    cfg = compose_config([*fast_overrides(tiny_data), "optimizer.lr=1e6"], tmp_path)
+    cfg = compose_config(quick_run(tiny_data, "optimizer.lr=1e6"), tmp_path)
     assert (
         cfg.callbacks.last_checkpoint.every_n_train_steps is None
     )  # shipped: no step saves before the first epoch end
@@ -335,7 +329,7 @@ def test_an_early_divergence_with_the_shipped_settings_leaves_last_ckpt_with_the
 
 
 def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_checkpoint(mnist_dir, tmp_path):
-    shipped = [a for a in quick(mnist_dir) if not a.startswith("callbacks.last_checkpoint.")]
+    shipped = three_epochs(mnist_dir)
     result = run_script("train", *shipped, "optimizer.lr=1e6", "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "at step" in result.stderr and "optimizer.lr" in result.stderr and "16-bit" in result.stderr
@@ -359,7 +353,8 @@ def test_on_an_accelerator_the_nan_check_reads_the_device_flag_rarely_and_never_
     # What a GPU run does: the CPU's free per-step read is turned off, so the loss is only read as the device would be.
     monkeypatch.setattr(StopOnNonFiniteLoss, "reads_are_free", staticmethod(lambda device: False))
     overrides = [
-        *quick(mnist_dir, "optimizer.lr=1e6", f"callbacks.last_checkpoint.every_n_train_steps={step_saves}"),
+        *three_epochs(mnist_dir, *SAVE_EVERY_3_STEPS, "optimizer.lr=1e6"),
+        f"callbacks.last_checkpoint.every_n_train_steps={step_saves}",
         f"callbacks.non_finite_loss.device_check_every_n_steps={check_every}",
     ]
     with pytest.raises(NonFiniteLoss, match=message) as stop:
@@ -391,7 +386,7 @@ def test_on_an_accelerator_the_shipped_nan_check_reads_every_50_steps_and_at_eac
     # before each checkpoint write), not every step as on the CPU.
     monkeypatch.setattr(StopOnNonFiniteLoss, "reads_are_free", staticmethod(lambda device: False))
     data = make_mnist(tmp_path / "data", n_train=2500, n_test=100)  # 75 steps of 32 images per epoch
-    cfg = compose_config([*fast_overrides(data), "trainer.max_epochs=2"], tmp_path / "run")
+    cfg = compose_config(quick_run(data, "trainer.max_epochs=2"), tmp_path / "run")
     assert cfg.callbacks.non_finite_loss.device_check_every_n_steps == 50
     previous_read = read_at - 25  # step 50 before the first case's epoch end, the epoch end (75) before step 100
     with pytest.raises(NonFiniteLoss, match=f"between steps {previous_read + 1} and {read_at} "):
@@ -420,7 +415,7 @@ class Hostile:
 @pytest.fixture(scope="module")
 def resnet8_checkpoint(mnist_dir, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("resnet8")
-    overrides = [*fast_overrides(mnist_dir, model="resnet8"), "trainer.max_epochs=1", "trainer.limit_train_batches=1"]
+    overrides = quick_run(mnist_dir, "trainer.max_epochs=1", "trainer.limit_train_batches=1", model="resnet8")
     train(compose_config([*overrides, "test=false"], run_dir))
     return run_dir / "checkpoints" / "last.ckpt"
 
@@ -461,9 +456,7 @@ def bad_input_folder(mnist_dir, resnet8_checkpoint, tmp_path, monkeypatch) -> Pa
 
 
 def bad_run(mnist_dir: Path, overrides: list[str]) -> list[str]:
-    base = [a for a in quick(mnist_dir) if not a.startswith("data.data_dir=")]
-    data_dir = [] if any(o.startswith("data.data_dir") for o in overrides) else [f"data.data_dir={mnist_dir}"]
-    return [*base, *data_dir, *overrides]
+    return three_epochs(mnist_dir, *SAVE_EVERY_3_STEPS, *overrides)  # a data.data_dir in overrides wins
 
 
 @pytest.mark.parametrize(("overrides", "key"), BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
@@ -521,6 +514,6 @@ def test_the_trainer_profiles_only_when_asked(tiny_data, tmp_path):
 
     from cnnlab.train import build_trainer
 
-    assert type(build_trainer(compose_config(fast_overrides(tiny_data), tmp_path)).profiler) is PassThroughProfiler
-    cfg = compose_config([*fast_overrides(tiny_data), "trainer.profiler=simple"], tmp_path)
+    assert type(build_trainer(compose_config(quick_run(tiny_data), tmp_path)).profiler) is PassThroughProfiler
+    cfg = compose_config(quick_run(tiny_data, "trainer.profiler=simple"), tmp_path)
     assert isinstance(build_trainer(cfg).profiler, SimpleProfiler)

@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from cnnlab.checkpoints import classifier_from_checkpoint, load_checkpoint
 from cnnlab.errors import UserError
 from cnnlab.train import train
-from tests.conftest import compose_config, fast_overrides, make_mnist
+from tests.conftest import DDP_ON_CPU, compose_config, make_mnist, quick_run
 from tests.launch import run_script, script_env, script_path, start_script, tensorboard_events, tensorboard_scalars
 from tests.test_export import export_config
 from tests.test_predict import predict_config
@@ -74,7 +74,7 @@ def test_last_ckpt_is_refreshed_every_ten_minutes_of_training_within_an_epoch(ti
         def on_train_batch_end(self, trainer, *args):
             clock["now"] = 100.0 * trainer.global_step
 
-    cfg = compose_config([*fast_overrides(tiny_data), "trainer.max_epochs=2", "test=false"], tmp_path)
+    cfg = compose_config(quick_run(tiny_data, "trainer.max_epochs=2", "test=false"), tmp_path)
     assert cfg.callbacks.last_checkpoint.train_time_interval.minutes == 10  # the shipped default
     train(cfg, extra_callbacks=[AdvanceClock()])
     # 500 training images in batches of 32: 16 steps per epoch. Every 6 steps, and at each epoch end.
@@ -85,7 +85,7 @@ def test_last_ckpt_is_refreshed_every_ten_minutes_of_training_within_an_epoch(ti
 # --- extending a finished run -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("scheduler", ["onecycle", "cosine"])
 def test_extending_a_finished_run_continues_the_schedule_planned_over_the_new_length(tiny_data, tmp_path, scheduler):
-    args = [*fast_overrides(tiny_data), f"scheduler={scheduler}", "trainer.log_every_n_steps=1", "test=false"]
+    args = quick_run(tiny_data, f"scheduler={scheduler}", "trainer.log_every_n_steps=1", "test=false")
     first = run_script("train", *args, "trainer.max_epochs=2", "hydra.run.dir=run", cwd=tmp_path, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     extended = run_script("train", "resume=run", "trainer.max_epochs=3", cwd=tmp_path, timeout=600)
@@ -121,7 +121,7 @@ def logged_rates(run_dir: Path) -> dict[str, dict[int, float]]:
 
 
 def test_a_one_cycle_run_peaks_at_optimizer_lr_and_ends_at_its_final_rate_on_its_last_step(tiny_data, tmp_path):
-    overrides = [*fast_overrides(tiny_data), "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "test=false"]
+    overrides = quick_run(tiny_data, "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "test=false")
     train(compose_config([*overrides, "optimizer.lr=0.07"], tmp_path))
     lr = logged_rates(tmp_path)["lr"]
     assert sorted(lr) == list(range(32))  # one rate per step of 2 epochs of 16 steps: the cycle spans the run
@@ -137,7 +137,7 @@ def test_a_one_cycle_run_peaks_at_optimizer_lr_and_ends_at_its_final_rate_on_its
     [("adamw", "cosine", "lr"), ("sgd", "none", "lr-SGD"), ("adamw", "none", "lr-AdamW")],
 )
 def test_the_shipped_optimizers_and_schedules_train_and_log_their_rate(tiny_data, tmp_path, optimizer, scheduler, tag):
-    overrides = [*fast_overrides(tiny_data), f"optimizer={optimizer}", f"scheduler={scheduler}", "test=false"]
+    overrides = quick_run(tiny_data, f"optimizer={optimizer}", f"scheduler={scheduler}", "test=false")
     cfg = compose_config([*overrides, "trainer.max_epochs=2", "trainer.log_every_n_steps=1"], tmp_path)
     metrics = train(cfg)
     assert metrics["val_acc_best"] > 0.3  # it learns (chance: 0.1)
@@ -249,7 +249,7 @@ def test_test_stage_eval_predict_and_export_score_the_same_averaged_flip_average
 def test_eval_reproduces_the_test_score_of_a_flip_tta_run_in_bf16(tiny_data, tmp_path):
     from cnnlab.evaluate import evaluate
 
-    overrides = [*fast_overrides(tiny_data, "resnet8", "cifar10"), "tta_flip=true", "trainer.precision=bf16-mixed"]
+    overrides = quick_run(tiny_data, "tta_flip=true", "trainer.precision=bf16-mixed", model="resnet8", data="cifar10")
     metrics = train(compose_config([*overrides, "trainer.max_epochs=2"], tmp_path / "run"))
     evaluated = evaluate(
         compose_config([f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}"], tmp_path / "ev", "eval")
@@ -260,7 +260,7 @@ def test_eval_reproduces_the_test_score_of_a_flip_tta_run_in_bf16(tiny_data, tmp
 
 
 def test_evaluation_losses_are_plain_cross_entropy_whatever_the_label_smoothing(tiny_data, tmp_path):
-    overrides = [*fast_overrides(tiny_data), "label_smoothing=0.3", "trainer.max_epochs=2"]
+    overrides = quick_run(tiny_data, "label_smoothing=0.3", "trainer.max_epochs=2")
     cfg = compose_config(overrides, tmp_path)
     metrics = train(cfg)
     classifier = classifier_from_checkpoint(load_checkpoint(metrics["best_checkpoint"]))
@@ -289,7 +289,7 @@ def test_a_checkpoint_write_that_fails_for_lack_of_space_stops_with_one_paragrap
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint_io.torch, "save", save_until_full)
-    cfg = compose_config([*fast_overrides(tiny_data), "trainer.max_epochs=3"], tmp_path)
+    cfg = compose_config(quick_run(tiny_data, "trainer.max_epochs=3"), tmp_path)
     with pytest.raises(UserError) as stop:
         train(cfg)
     message = str(stop.value)
@@ -323,7 +323,7 @@ def small_filesystem(tmp_path):
 
 def test_a_full_disk_stops_the_run_with_exit_2_and_keeps_the_previous_checkpoint(tiny_data, small_filesystem, tmp_path):
     run_dir = small_filesystem / "run"
-    args = [*fast_overrides(tiny_data), "trainer.max_epochs=4", f"hydra.run.dir={run_dir}"]
+    args = quick_run(tiny_data, "trainer.max_epochs=4", f"hydra.run.dir={run_dir}")
     result = run_script("train", *args, cwd=tmp_path, timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -338,8 +338,7 @@ def test_a_full_disk_stops_the_run_with_exit_2_and_keeps_the_previous_checkpoint
 
 
 # --- distributed stops: every rank agrees --------------------------------------------------------------------------
-DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=32", "data.val_size=100",
-       "data.download=false", "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false"]  # fmt: skip
+DDP = [*DDP_ON_CPU, *quick_run(trainer=None)]
 
 
 def children(pid: int) -> list[int]:

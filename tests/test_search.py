@@ -14,15 +14,14 @@ from optuna.trial import TrialState
 from cnnlab.errors import UserError
 from cnnlab.search import PruneOnValAcc, search
 from cnnlab.train import train
-from tests.conftest import compose_config, fast_overrides
+from tests.conftest import compose_config, quick_run
 from tests.launch import run_script, start_script
-from tests.test_sweeps import QUICK
 
 
 def test_pruning_callback_stops_a_trial_whose_val_acc_the_pruner_rejects(tiny_data, tmp_path):
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=1.1))
     trial = study.ask()  # any accuracy is below 1.1: pruned after its first validation
-    cfg = compose_config([*fast_overrides(tiny_data), "trainer.max_epochs=3", "trainer.limit_train_batches=2"],
+    cfg = compose_config(quick_run(tiny_data, "trainer.max_epochs=3", "trainer.limit_train_batches=2"),
                          tmp_path / "run")  # fmt: skip
     pruning = PruneOnValAcc(trial)
     metrics = train(cfg, extra_callbacks=[pruning])
@@ -31,8 +30,8 @@ def test_pruning_callback_stops_a_trial_whose_val_acc_the_pruner_rejects(tiny_da
 
 
 def search_args(tiny_data: Path, n_trials: int, *extra: str) -> list[str]:
-    return [f"n_trials={n_trials}", *QUICK, "trainer.max_epochs=1", f"data.data_dir={tiny_data}",
-            "hydra.run.dir=search", *extra]  # fmt: skip
+    one_epoch = quick_run(tiny_data, "trainer.limit_train_batches=4", "trainer.max_epochs=1")
+    return [f"n_trials={n_trials}", *one_epoch, "hydra.run.dir=search", *extra]
 
 
 def trials_in(study_db: Path) -> list[optuna.trial.FrozenTrial]:

@@ -3,24 +3,14 @@
 import csv
 import json
 
+from tests.conftest import quick_run
 from tests.launch import run_script
-
-QUICK = [
-    "data.batch_size=32",
-    "data.eval_batch_size=64",
-    "data.val_size=100",
-    "data.download=false",
-    "trainer=cpu",
-    "trainer.limit_train_batches=4",
-    "callbacks.progress_bar=null",
-    "+trainer.enable_progress_bar=false",
-]
 
 
 def test_sweep_records_a_failed_job_runs_the_rest_and_summarizes_them_ranked(tiny_data, tmp_path):
     # Job 0 asks for more validation images than there are training images (a UserError); job 1 trains.
-    sweep = run_script("train", "-m", *QUICK, "trainer.max_epochs=2", f"data.data_dir={tiny_data}",
-                       "data.val_size=99999,100", "hydra.sweep.dir=sweep", cwd=tmp_path)  # fmt: skip
+    jobs = quick_run(tiny_data, "trainer.limit_train_batches=4", "trainer.max_epochs=2", "data.val_size=99999,100")
+    sweep = run_script("train", "-m", *jobs, "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert sweep.returncode == 1, sweep.stderr[-3000:]  # all jobs ran, and the exit code says one failed
     assert "1 job(s) of the sweep" in sweep.stderr and "data.val_size=99999" in sweep.stderr
     failed = json.loads((tmp_path / "sweep" / "0" / "failed.json").read_text())
@@ -47,8 +37,8 @@ def test_a_job_that_fails_with_any_other_exception_is_recorded_with_its_tracebac
     tiny_data, tmp_path
 ):
     # No config check knows that SGD refuses a negative momentum: a ValueError from inside training, not a UserError.
-    sweep = run_script("train", "-m", *QUICK, "trainer.max_epochs=1", f"data.data_dir={tiny_data}",
-                       "optimizer.momentum=-1,0.9", "hydra.sweep.dir=sweep", cwd=tmp_path)  # fmt: skip
+    jobs = quick_run(tiny_data, "trainer.limit_train_batches=4", "trainer.max_epochs=1", "optimizer.momentum=-1,0.9")
+    sweep = run_script("train", "-m", *jobs, "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert sweep.returncode == 1, sweep.stderr[-3000:]
     assert "1 job(s) of the sweep" in sweep.stderr and "ValueError" in sweep.stderr
     failed = json.loads((tmp_path / "sweep" / "0" / "failed.json").read_text())

@@ -20,9 +20,8 @@ from omegaconf import OmegaConf
 
 from cnnlab.errors import UserError
 from cnnlab.train import train
-from tests.conftest import compose_config, fast_overrides
+from tests.conftest import compose_config, quick_run
 from tests.launch import free_port, run_script, tensorboard_events
-from tests.test_sweeps import QUICK
 
 EPOCH_METRICS = ["train/loss", "train/acc", "val/loss", "val/acc"]
 
@@ -49,7 +48,7 @@ def runs_of(client: MlflowClient, experiment: str) -> list:
 
 def test_mlflow_run_holds_the_config_epoch_metrics_final_metrics_and_best_checkpoint(tiny_data, tmp_path):
     outputs, run_dir = tmp_path / "outputs", tmp_path / "outputs" / "train" / "run"
-    cfg = compose_config([*fast_overrides(tiny_data), "trainer.max_epochs=2", "trainer.limit_train_batches=4",
+    cfg = compose_config([*quick_run(tiny_data), "trainer.max_epochs=2", "trainer.limit_train_batches=4",
                           "logger=[tensorboard,mlflow]", f"paths.output_dir={outputs}"], run_dir)  # fmt: skip
     metrics = train(cfg)
     client = store(outputs)
@@ -88,9 +87,8 @@ def get_json(url: str, payload: dict | None = None) -> dict:
 
 def test_mlflow_tracking_server_serves_val_acc_of_a_run_logged_from_the_command_line(tiny_data, tmp_path):
     # paths.output_dir keeps its default, `outputs`: the store is found relative to where the command ran.
-    result = run_script("train", "trainer.max_epochs=2", "trainer.limit_train_batches=4", "data.batch_size=32",
-                        "data.val_size=100", "data.download=false", f"data.data_dir={tiny_data}", "logger=mlflow",
-                        "hydra.run.dir=run", cwd=tmp_path)  # fmt: skip
+    args = quick_run(tiny_data, "trainer.max_epochs=2", "trainer.limit_train_batches=4", "logger=mlflow")
+    result = run_script("train", *args, "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     database = tmp_path / "outputs" / "mlflow.db"
     assert database.is_file()
@@ -123,12 +121,10 @@ def test_mlflow_tracking_server_serves_val_acc_of_a_run_logged_from_the_command_
 
 
 def test_every_job_of_a_sweep_and_every_trial_of_a_search_is_a_run_in_the_one_store(tiny_data, tmp_path):
-    logged = ["logger=mlflow", f"data.data_dir={tiny_data}"]
-    sweep = run_script("train", "-m", *QUICK, *logged, "trainer.max_epochs=1", "optimizer.lr=0.01,0.05",
-                       "hydra.sweep.dir=sweep", cwd=tmp_path)  # fmt: skip
+    logged = quick_run(tiny_data, "trainer.limit_train_batches=4", "trainer.max_epochs=1", "logger=mlflow")
+    sweep = run_script("train", "-m", *logged, "optimizer.lr=0.01,0.05", "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
-    search = run_script("search", "n_trials=2", *QUICK, *logged, "trainer.max_epochs=1", "hydra.run.dir=search",
-                        cwd=tmp_path)  # fmt: skip
+    search = run_script("search", "n_trials=2", *logged, "hydra.run.dir=search", cwd=tmp_path)
     assert search.returncode == 0, search.stderr[-3000:]
 
     client = store(tmp_path / "outputs")  # both commands ran here with the default paths.output_dir
@@ -151,7 +147,7 @@ WANDB_INSTALLED = importlib.util.find_spec("wandb") is not None
 
 @pytest.mark.skipif(WANDB_INSTALLED, reason="checks the message shown where wandb is not installed")
 def test_logger_wandb_without_wandb_installed_stops_before_any_work_naming_the_extra(tmp_path):
-    cfg = compose_config([*fast_overrides(tmp_path / "no-data"), "logger=wandb"], tmp_path / "run")
+    cfg = compose_config(quick_run(tmp_path / "no-data", "logger=wandb"), tmp_path / "run")
     with pytest.raises(UserError, match=r'logger\.wandb .*pip install -e "\.\[wandb\]"'):
         train(cfg)  # not the missing data: the logger is checked first
     assert not (tmp_path / "run").exists()
@@ -170,7 +166,7 @@ def test_logger_wandb_without_wandb_installed_is_one_paragraph_and_exit_2(tiny_d
 def test_logger_wandb_writes_one_offline_run_per_training_run(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")  # Lightning sets it for offline runs; restored after the test
     for name in ("first", "second"):  # in one process, as the jobs of a sweep: the second must not reuse the first
-        cfg = compose_config([*fast_overrides(tiny_data), "trainer.max_epochs=2", "trainer.limit_train_batches=4",
+        cfg = compose_config([*quick_run(tiny_data), "trainer.max_epochs=2", "trainer.limit_train_batches=4",
                               "logger=wandb"], tmp_path / name)  # fmt: skip
         train(cfg)
         (offline_run,) = (tmp_path / name / "wandb").glob("offline-run-*")

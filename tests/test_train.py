@@ -11,14 +11,14 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
 from cnnlab.train import build_classifier, train
-from tests.conftest import DATASETS, MODELS, compose_config, fast_overrides, make_cifar, make_mnist
+from tests.conftest import DATASETS, MODELS, compose_config, make_cifar, make_mnist, quick_run
 from tests.launch import run_script, script_env, tensorboard_events, tensorboard_scalars
 
 
 @pytest.mark.parametrize("data", DATASETS)
 @pytest.mark.parametrize("model", MODELS)
 def test_fast_dev_run_passes_for_every_model_and_data_pair(tiny_data, tmp_path, model, data):
-    cfg = compose_config([*fast_overrides(tiny_data, model, data), "trainer.fast_dev_run=true"], tmp_path)
+    cfg = compose_config(quick_run(tiny_data, "trainer.fast_dev_run=true", model=model, data=data), tmp_path)
     metrics = train(cfg)
     # One training step, and one test batch of data.eval_batch_size=64 images scored (200 would give other fractions).
     assert metrics["global_step"] == 1 and (metrics["test_acc"] * 64).is_integer()
@@ -27,7 +27,7 @@ def test_fast_dev_run_passes_for_every_model_and_data_pair(tiny_data, tmp_path, 
 @pytest.fixture(scope="module")
 def finished_run(tiny_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = compose_config([*fast_overrides(tiny_data), "trainer.max_epochs=3", "optimizer.lr=0.05"], run_dir)
+    cfg = compose_config(quick_run(tiny_data, "trainer.max_epochs=3", "optimizer.lr=0.05"), run_dir)
     return run_dir, train(cfg)
 
 
@@ -87,7 +87,7 @@ def test_env_record_states_the_device_and_the_determinism_the_run_had(tiny_data,
     import platform
 
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what Lightning sets for deterministic=true; restored
-    cfg = compose_config([*fast_overrides(tiny_data), "trainer.fast_dev_run=true", "trainer.deterministic=true"],
+    cfg = compose_config(quick_run(tiny_data, "trainer.fast_dev_run=true", "trainer.deterministic=true"),
                          tmp_path)  # fmt: skip
     try:
         train(cfg)
@@ -131,20 +131,20 @@ def test_hparams_tab_holds_a_curated_row_and_no_duplicate_scalars(finished_run):
 
 def test_compiled_model_keeps_its_checkpoint_keys(tiny_data, tmp_path):
     overrides = [
-        *fast_overrides(tiny_data),
+        *quick_run(tiny_data),
         "trainer.fast_dev_run=true",
         "compile.enabled=true",
         "compile.backend=eager",
     ]
     cfg = compose_config(overrides, tmp_path)
     classifier = build_classifier(cfg)
-    plain_keys = set(build_classifier(compose_config(fast_overrides(tiny_data), tmp_path)).state_dict())
+    plain_keys = set(build_classifier(compose_config(quick_run(tiny_data), tmp_path)).state_dict())
     assert set(classifier.state_dict()) == plain_keys
     assert train(cfg)["global_step"] == 1
 
 
 def test_flip_test_time_augmentation_averages_an_image_and_its_mirror(tiny_data, tmp_path):
-    cfg = compose_config([*fast_overrides(tiny_data, "resnet8", "cifar10"), "tta_flip=true"], tmp_path)
+    cfg = compose_config(quick_run(tiny_data, "tta_flip=true", model="resnet8", data="cifar10"), tmp_path)
     classifier = build_classifier(cfg).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -228,16 +228,16 @@ def test_progress_bar_reads_metrics_only_every_refresh_rate_steps(tiny_data, tmp
 
     reads = []
     monkeypatch.setattr(SparseRichProgressBar, "_update_metrics", lambda self, *args, **kwargs: reads.append(1))
-    with_bar = [o for o in fast_overrides(tiny_data) if "progress_bar" not in o]
-    overrides = [
-        *with_bar,
+    overrides = quick_run(
+        tiny_data,
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=12",
         "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1",
         "callbacks.progress_bar.refresh_rate=5",
         "test=false",
-    ]
+        progress_bar=True,
+    )
     train(compose_config(overrides, tmp_path))
     # training steps 5, 10 and 12 (the epoch's last), then once each at the epoch's end and validation's end;
     # Lightning's own bar reads after all 12 steps (14 reads)
@@ -280,7 +280,7 @@ def test_the_train_command_keeps_freed_memory_but_train_as_a_library_call_leaves
     kept = {}
     for setting in ("true", "false"):
         out = tmp_path / f"{setting}.txt"
-        args = [*fast_overrides(tiny_data), *probe, f"+callbacks.probe.output={out}", f"keep_freed_memory={setting}"]
+        args = quick_run(tiny_data, *probe, f"+callbacks.probe.output={out}", f"keep_freed_memory={setting}")
         run_script("train", *args, f"hydra.run.dir={tmp_path / setting}", cwd=tmp_path, check=True)
         kept[setting] = int(out.read_text())
     assert kept["true"] >= 20 * 2**20 and kept["false"] < 10 * 2**20
@@ -290,7 +290,7 @@ def test_the_train_command_keeps_freed_memory_but_train_as_a_library_call_leaves
         "train(compose_config(sys.argv[1:-1], sys.argv[-1]))"
     )
     out = tmp_path / "library.txt"
-    args = [*fast_overrides(tiny_data), *probe, f"+callbacks.probe.output={out}", "keep_freed_memory=true"]
+    args = quick_run(tiny_data, *probe, f"+callbacks.probe.output={out}", "keep_freed_memory=true")
     subprocess.run([sys.executable, "-c", library_call, *args, str(tmp_path / "lib")], cwd=tmp_path,
                    env=script_env(), check=True, capture_output=True, timeout=300)  # fmt: skip
     assert int(out.read_text()) < 10 * 2**20
