@@ -14,7 +14,7 @@ What happens to each command:
 - marked: its comment ends with `(needs a GPU)`, `(needs several GPUs)`, `(needs SLURM)`, `(needs several machines)`
   or `(needs a W&B account)`: not run. Exactly the commands that need it carry the marker (needed_hardware).
 - covered by CI: `pip install ...` and `pytest ...`. CI (.ci/run, the workflow, pre-commit) runs README's install
-  and `pytest` (tests/test_housekeeping.py keeps them the same), and `pytest` holds every test the narrower pytest
+  and test command (tests/test_housekeeping.py keeps them the same), which holds every test the narrower pytest
   lines select; here they are checked to name extras, files and tests that exist.
 - covered by the server tests: `tensorboard --logdir ...` by tests/test_cli.py and `mlflow ui ...` by
   tests/test_tracking.py, which start that server on a run and read a metric back over HTTP; here the programs and
@@ -175,7 +175,7 @@ def marker(command: Command) -> str | None:
     return found.group(1) if found else None
 
 
-# pip and pytest lines: CI runs README's install and `pytest` (tests/test_housekeeping.py), and `pytest` runs every
+# pip and pytest lines: CI runs README's install and test command (tests/test_housekeeping.py), which runs every
 # test a narrower pytest line selects; test_pip_install_lines_... and test_pytest_lines_... check what they name.
 # The server commands: the named tests start that server on a run and read a metric back over HTTP.
 COVERED_BY_CI = ("pip", "pytest")

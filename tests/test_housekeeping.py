@@ -37,7 +37,7 @@ def ci_run_commands() -> list[str]:
 
 
 def test_readme_names_the_install_and_test_commands_the_checks_use():
-    assert readme_setup_commands() == ('pip install -e ".[dev]"', "pytest")
+    assert readme_setup_commands() == ('pip install -e ".[dev]"', "pytest -n auto --dist loadfile")
 
 
 def test_workflow_and_ci_run_install_lint_and_test_with_readmes_commands_in_that_order():
@@ -46,6 +46,17 @@ def test_workflow_and_ci_run_install_lint_and_test_with_readmes_commands_in_that
         expected = [install, *LINT, test]
         assert all(commands.count(c) == 1 for c in expected), f"{name} runs {commands}"
         assert sorted(expected, key=commands.index) == expected, f"{name} runs {commands}"
+
+
+def test_a_pytest_worker_runs_torch_on_one_thread_and_plain_pytest_leaves_the_default():
+    import torch
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # README's test command: -n auto
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    else:
+        fresh = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                               capture_output=True, text=True, check=True)  # fmt: skip
+        assert torch.get_num_threads() == int(fresh.stdout)
 
 
 def test_pre_commit_runs_the_two_ruff_checks_at_the_pinned_ruff_version():
