@@ -12,6 +12,7 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
+from cnnlab.config_files import config_dir
 from cnnlab.errors import UserError
 from cnnlab.resume import resume_arguments, resume_command
 from cnnlab.stopping import RunInterrupted
@@ -61,17 +62,6 @@ def apply_process_settings(cfg: DictConfig) -> None:
     """
     if cfg.get("keep_freed_memory"):
         keep_freed_memory()
-
-
-def config_dir() -> str:
-    """The directory holding train.yaml and the config groups.
-
-    A wheel carries the configs inside the package; a source checkout (editable install) keeps them at its root.
-    """
-    packaged = Path(__file__).parent / "configs"
-    if packaged.is_dir():
-        return str(packaged)
-    return str(Path(__file__).resolve().parents[2] / "configs")
 
 
 def run_reporting_user_errors(fn: Callable[[DictConfig], dict], cfg: DictConfig) -> dict:

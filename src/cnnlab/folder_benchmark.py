@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cnnlab.benchmark import _accelerator, _device, lightning_rate, print_result
-from cnnlab.cli import config_dir
+from cnnlab.config_files import config_dir
 from cnnlab.data.cifar import TRAIN_BATCHES
 from cnnlab.data.formats import read_cifar_batch, read_cifar_pickle, write_image_folder
 from cnnlab.errors import UserError

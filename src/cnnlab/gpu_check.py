@@ -105,7 +105,7 @@ def model_macs(overrides: list[str]) -> int:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from cnnlab.cli import config_dir
+    from cnnlab.config_files import config_dir
     from cnnlab.inspect_model import layer_table
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
