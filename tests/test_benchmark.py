@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from cnnlab.benchmark import benchmark
 from tests.conftest import compose_config, quick_run
@@ -42,3 +43,23 @@ def test_time_to_accuracy_mode_stops_at_the_first_epoch_reaching_the_target(tiny
 def test_unreachable_target_is_reported_as_not_reached(tiny_data, tmp_path):
     result = benchmark(bench_config(tiny_data, tmp_path, "target_acc=1.01", "trainer.max_epochs=1"))
     assert not result["reached"] and result["seconds_to_target"] is None and len(result["history"]) == 1
+
+
+def test_plain_loop_transforms_every_batch_as_the_projects_path_does(tiny_data, tmp_path, monkeypatch):
+    """Like for like: the plain loop gets the same uint8 images and crops, flips and normalizes each batch with the
+    data config's transform (here CIFAR-10's shipped augmentation), so a/b compares the framework alone."""
+    from cnnlab.data.tensor_loader import BatchTransform
+
+    calls = []
+    original = BatchTransform.__call__
+
+    def recording(self, x, generator=None):
+        calls.append((x.dtype, self.crop_padding, self.flip))
+        return original(self, x, generator)
+
+    monkeypatch.setattr(BatchTransform, "__call__", recording)
+    cfg = bench_config(tiny_data, tmp_path, "device=cpu", "data=cifar10", "model=resnet8", "compare=[plain]")
+    result = benchmark(cfg)
+    assert len(calls) == cfg.warmup_steps + cfg.steps  # one transform per step, none before the loop
+    assert set(calls) == {(torch.uint8, cfg.data.crop_padding, True)}
+    assert result["same_work"]["augment"] is True and result["same_work"]["cudnn_benchmark"] is False

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from cnnlab.classifier import build_model, make_scheduler
+from cnnlab.data.tensor_loader import BatchTransform
 from cnnlab.errors import UserError
 from cnnlab.run_record import environment, write_json
 from cnnlab.train import build_classifier, build_datamodule, build_trainer, plain
@@ -97,9 +98,17 @@ def lightning_rate(cfg: DictConfig, loader: str) -> float:
     return timer.images_per_second(classifier.device)
 
 
-def plain_rate(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> float:
-    """Images/s of a hand-written loop: forward, loss, backward, optimizer and scheduler step, nothing else."""
+def plain_rate(
+    cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, transform: BatchTransform, device: torch.device
+) -> float:
+    """Images/s of a hand-written loop: the batch transform, forward, loss, backward, optimizer and scheduler step.
+
+    Like for like with the project's path: the same uint8 images on the device, the same per-batch transform
+    (normalization, and the crop and flip the data config asks for), the same precision, memory format and cuDNN
+    autotuning (trainer.benchmark), so a/b measures the framework, not work only one path does.
+    """
     torch.manual_seed(cfg.seed)
+    torch.backends.cudnn.benchmark = bool(cfg.trainer.get("benchmark"))  # as Lightning sets it for path (a)
     model = build_model(plain(cfg.model)).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -118,7 +127,7 @@ def plain_rate(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, devi
             start = time.perf_counter()
         i = (step * batch_size) % (n - batch_size + 1)
         idx = order[i : i + batch_size]
-        x = images[idx].contiguous(memory_format=memory_format)
+        x = transform(images[idx]).contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = criterion(model(x), labels[idx])
         optimizer.zero_grad(set_to_none=True)
@@ -156,13 +165,13 @@ def throughput(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     train_images, train_labels = datamodule.splits["train"]
-    images = datamodule.batch_transform(augment=False)(train_images.to(device))  # pre-normalized, on the device
-    labels = train_labels.to(device)
+    images, labels = train_images.to(device), train_labels.to(device)  # uint8, as the tensor loader holds them
+    transform = datamodule.batch_transform(augment=bool(cfg.data.get("augment"))).to(device)
     best: dict[str, float] = {}
     for _ in range(cfg.repeats):
         for path in cfg.compare:
             if path == "plain":
-                rate = plain_rate(cfg, images, labels, device)
+                rate = plain_rate(cfg, images, labels, transform, device)
             else:
                 rate = lightning_rate(cfg, "tensor" if path == "lightning" else "torchvision")
             best[path] = max(best.get(path, 0.0), rate)
@@ -176,6 +185,14 @@ def throughput(cfg: DictConfig) -> dict[str, Any]:
         result["lightning_over_torchvision"] = round(best["lightning"] / best["torchvision"], 3)
     result["peak_memory_mb"] = round(peak_memory_mb(device), 1)
     result["device"] = str(device)
+    result["same_work"] = {  # what (a) and (b) both do per step
+        "augment": transform.augments,
+        "normalize_on_device": True,
+        "precision": str(cfg.trainer.precision),
+        "channels_last": bool(cfg.channels_last),
+        "cudnn_benchmark": bool(cfg.trainer.get("benchmark")),
+        "compile": bool(cfg.compile.enabled),
+    }
     return result
 
 
