@@ -7,14 +7,18 @@ orchestration (subprocesses, JUnit parsing, run directories, both reports) on ti
 import json
 import os
 import subprocess
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from cnnlab.gpu_check import (
     parse_junit,
+    parse_peer_output,
     parse_pytest_log,
     peak_bf16_tflops,
+    peer_comparison,
     problems,
     render_markdown,
     share_of_peak,
@@ -106,7 +110,8 @@ def fake_result() -> dict:
         "recipes": {
             "mnist_fast": {
                 **run,
-                "command": "scripts/train.py experiment=mnist_fast",
+                "command": "scripts/train.py experiment=mnist_fast seed=42",
+                "seeds": [42],
                 "wall_seconds": 21.0,
                 "test_acc": 0.9921,
                 "train_seconds": 6.5,
@@ -136,7 +141,7 @@ def test_markdown_report_gives_device_each_test_recipes_and_benchmark():
     assert text.startswith("# GPU check: NVIDIA H100 80GB HBM3\n")
     assert "Status **failed**" in text and "- test_gpu::test_b: failed assert 3 == 2" in text
     assert "| `test_gpu::test_a[lenet5]` | passed | 1.2 | - |" in text
-    assert "| mnist_fast | 0.9921 |" in text
+    assert "| mnist_fast | 42 | 0.9921 |" in text
     assert "| (a) lightning: the project's path | 9,300 | 31.0 | 3.1% |" in text
     assert "a/b = 0.930" in text and "555,422,720 MACs" in text and "3.33 GFLOP" in text
     assert "989.5 TFLOP/s (H100 SXM, NVIDIA datasheet" in text
@@ -183,18 +188,24 @@ def test_missing_datasets_stop_the_check_naming_the_folder(tmp_path):
 @NEEDS_NO_GPU
 def test_tiny_rehearsal_runs_every_part_and_writes_both_reports(tiny_data, tmp_path):
     out = tmp_path / "check"
-    done = run_check("--data", str(tiny_data), "--out", str(out), "--device", "cpu", "--tiny", "--peak-tflops", "2")
+    peer = write_fake_peer(tmp_path / "peer.py", acc=0.93, seconds=4.0)
+    done = run_check(
+        "--data", str(tiny_data), "--out", str(out), "--device", "cpu", "--tiny", "--peak-tflops", "2", "--peer", peer
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads((out / "gpu_check.json").read_text())
     assert result["status"] == "passed" and result["simulation"] is True
     tests = result["tests"]["tests"]
     assert len(tests) >= 20 and {t["outcome"] for t in tests} == {"skipped"}  # no GPU: every GPU test skips
     assert {t["message"] for t in tests} == {"needs a CUDA GPU (run `pytest -m gpu` on a machine with one)"}
-    for recipe in ("mnist_fast", "cifar10_fast"):
+    for recipe, seeds in (("mnist_fast", [42]), ("cifar10_fast", [42, 1])):
         run = result["recipes"][recipe]
-        written = json.loads((out / "runs" / recipe / "metrics.json").read_text())
-        assert run["returncode"] == 0 and run["test_acc"] == written["test_acc"]  # the run's own numbers
-        assert run["train_seconds"] == written["train_seconds"]
+        assert run["returncode"] == 0 and run["seeds"] == seeds
+        written = [json.loads((out / "runs" / recipe / f"seed{s}" / "metrics.json").read_text()) for s in seeds]
+        assert [r["test_acc"] for r in run["runs"]] == [w["test_acc"] for w in written]  # each run's own numbers
+        assert run["test_acc"] == pytest.approx(sum(w["test_acc"] for w in written) / len(seeds))  # their mean
+        assert run["test_acc_min"] == min(w["test_acc"] for w in written)
+        assert run["train_seconds"] == pytest.approx(sum(w["train_seconds"] for w in written) / len(seeds))
     bench = result["benchmark"]
     measured = json.loads((out / "runs" / "benchmark" / "benchmark.json").read_text())
     assert bench["lightning_over_plain"] == measured["lightning_over_plain"]
@@ -203,8 +214,71 @@ def test_tiny_rehearsal_runs_every_part_and_writes_both_reports(tiny_data, tmp_p
     assert lightning["images_per_second"] == measured["lightning_images_per_second"]
     share = lightning["images_per_second"] * bench["flops_per_image"] / 1e12 / 2
     assert lightning["share_of_peak"] == pytest.approx(share, abs=1e-4)
+    peer_run = result["peer"]
+    assert peer_run["returncode"] == 0 and peer_run["runs"] == [{"test_acc": 0.93, "seconds": 4.0}]
+    assert not list(REPO.glob("cifar10")) and (out / "runs" / "peer" / "saw_data").is_file()  # run in its own folder
+    versus = peer_comparison(result)
+    assert versus["points_behind_peer"] == pytest.approx(100 * (0.93 - result["recipes"]["cifar10_fast"]["test_acc"]))
+    assert versus["time_ratio"] == pytest.approx(result["recipes"]["cifar10_fast"]["train_seconds"] / 4.0, abs=1e-3)
     text = (out / "gpu_check.md").read_text()
-    assert "a CPU rehearsal" in text and "## Benchmark" in text and "| cifar10_fast |" in text
+    assert "a CPU rehearsal" in text and "## Benchmark" in text and "| cifar10_fast | 42, 1 |" in text
+    assert "## Beside the peer" in text and "time ratio project/peer" in text
+
+
+def write_fake_peer(path: Path, acc: float, seconds: float) -> str:
+    """A stand-in for airbench94: checks the data folder it is given and prints its table's rows, warm-up first."""
+    head = "|  run   |  epoch  |  train_loss  |  train_acc  |  val_acc  |  tta_val_acc  |  total_time_seconds  |"
+    epoch = "|  {run:>6}  |      0  |      2.0000  |     0.3000  |   0.2000  |               |    1.0000  |"
+    final = f"|        |   eval  |      1.0000  |     0.6000  |   0.5000  |       {acc:.4f}  |    {seconds:.4f}  |"
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            import os, pathlib
+            assert pathlib.Path(os.environ["CIFAR_ROOT"], "data_batch_1").is_file()
+            pathlib.Path("saw_data").touch()
+            print({head!r})
+            runs = ["warmup"] * (os.environ.get("WARMUP", "1") == "1") + list(range(int(os.environ["RUNS"])))
+            for run in runs:
+                print({epoch!r}.format(run=run))
+                print({final!r})
+            print("Mean: {acc:.4f}    Std: 0.0000")
+            """
+        )
+    )
+    return str(path)
+
+
+def test_the_peers_table_gives_each_timed_run_without_its_warm_up_run():
+    out = textwrap.dedent(
+        """
+        |  run   |  epoch  |  train_loss  |  train_acc  |  val_acc  |  tta_val_acc  |  total_time_seconds  |
+        |  warmup  |      0  |      2.0000  |     0.3000  |   0.2000  |               |              1.0000  |
+        |        |   eval  |      1.0000  |     0.6000  |   0.5000  |       0.1000  |              9.0000  |
+        |       0  |      0  |      2.0000  |     0.3000  |   0.2000  |               |              1.0000  |
+        |        |      1  |      2.0000  |     0.3000  |   0.2000  |               |              2.0000  |
+        |        |   eval  |      1.0000  |     0.6000  |   0.5000  |       0.9401  |              3.8300  |
+        |       1  |      0  |      2.0000  |     0.3000  |   0.2000  |               |              1.0000  |
+        |        |   eval  |      1.0000  |     0.6000  |   0.5000  |       0.9399  |              3.9000  |
+        Mean: 0.9400    Std: 0.0001
+        """
+    )
+    assert parse_peer_output(out) == [{"test_acc": 0.9401, "seconds": 3.83}, {"test_acc": 0.9399, "seconds": 3.9}]
+
+
+def test_a_peer_path_that_is_not_a_file_stops_the_check_naming_it(tiny_data, tmp_path):
+    done = run_check(
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(tmp_path / "o"),
+        "--device",
+        "cpu",
+        "--tiny",
+        "--peer",
+        str(tmp_path / "airbench94_gpu.py"),
+    )
+    assert done.returncode == 2 and "airbench94_gpu.py is not a file" in done.stderr and "--peer" in done.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_markdown_report_shows_the_end_of_a_failed_parts_output():

@@ -6,7 +6,11 @@ In turn, each part in its own process and within its own time budget (the whole 
 1. the GPU tests, `pytest -m gpu` (tests/test_gpu.py), each test's outcome read from their JUnit XML;
 2. the recipes `experiment=mnist_fast` and `experiment=cifar10_fast` trained on the GPU (scripts/train.py);
 3. the benchmark (scripts/benchmark.py) of ResNet-18 on CIFAR-10 in bf16 with channels-last: images/s of the
-   project's path (a) and of a plain PyTorch loop (b), a/b, and the share of the GPU's peak bf16 FLOP/s they reach.
+   project's path (a) and of a plain PyTorch loop doing the same work (b), a/b, and the share of the GPU's peak
+   bf16 FLOP/s they reach;
+4. with --peer <airbench94_gpu.py>, that reference program on the same data and GPU, 3 runs, beside the project's
+   CIFAR-10 recipe over 3 seeds: both accuracies and both times in one table, and their ratio. The peer is not part
+   of the project: its path is given, and the report says when it is not.
 gpu_check.json and gpu_check.md in --out are rewritten after every part, so a part that fails or runs out of time
 leaves the others' results. It needs no internet (the datasets must be in --data) and no installation: the scripts
 run with this interpreter and this source tree's src/ put in front of PYTHONPATH, which is otherwise kept.
@@ -35,9 +39,10 @@ REPO = Path(__file__).resolve().parents[2]
 SRC, SCRIPTS, TESTS = REPO / "src", REPO / "scripts", REPO / "tests"
 
 # Seconds each part may take. Expected on one H100 (estimated, not yet measured): tests about 3 minutes (of it a
-# minute compiling with inductor), mnist_fast 20-30 s, cifar10_fast under a minute (12 epochs of ResNet-9), the
-# benchmark 30-40 s. The budgets leave room and sum to 7.5 minutes.
-BUDGETS = {"tests": 240, "mnist_fast": 50, "cifar10_fast": 100, "benchmark": 60}
+# minute compiling with inductor; 140 s measured on an H100), mnist_fast 20-30 s, cifar10_fast 30-40 s a seed
+# (12 epochs of ResNet-9), the benchmark 30-40 s, the peer about 10 s a run after a warm-up run. The budgets leave
+# room and sum to 8.8 minutes, so that one call of 10 minutes on a GPU machine covers the check.
+BUDGETS = {"tests": 200, "mnist_fast": 50, "cifar10_fast": 150, "benchmark": 60, "peer": 70}
 TOTAL_BUDGET = sum(BUDGETS.values())
 
 # Dense bf16 Tensor Core peaks in TFLOP/s: half the "with sparsity" bf16 figures of NVIDIA's datasheets ("NVIDIA
@@ -69,6 +74,11 @@ TINY_TRAIN = [
 ]
 TINY_RESNET = ["model.widths=[8,16,32,64]", "trainer.precision=32-true"]
 TINY_BENCHMARK = ["data.batch_size=8", "data.val_size=100", "warmup_steps=1", "steps=3", "repeats=1"]
+
+# The recipes trained, with their seeds: the CIFAR-10 recipe over 3 seeds, as its accuracy is stated (a mean).
+RECIPE_SEEDS = {"mnist_fast": (42,), "cifar10_fast": (42, 1, 2)}
+PEER_RECIPE = "cifar10_fast"  # the project's recipe set beside the peer
+PEER_RUNS = 3
 
 NO_GPU = (
     "No CUDA GPU is visible to PyTorch here ({build}), so there is nothing for scripts/gpu_check.py to check or "
@@ -147,6 +157,25 @@ def parse_pytest_log(log: str) -> list[dict[str, Any]]:
     ]
 
 
+def parse_peer_output(text: str) -> list[dict[str, float]]:
+    """Each timed run of airbench94's table (its warm-up run left out): the test accuracy with its test-time
+    augmentation (`tta_val_acc`) and its seconds (`total_time_seconds`: training steps, whitening set-up and the
+    final evaluation), from the row whose epoch column reads `eval`."""
+    runs, label = [], ""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 7 or cells[1] in ("epoch", ""):
+            continue
+        label = cells[0] or label
+        if cells[1] == "eval" and label != "warmup":
+            runs.append({"test_acc": float(cells[5]), "seconds": float(cells[6])})
+    return runs
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def summarize_tests(tests: list[dict[str, Any]]) -> dict[str, int]:
     counts = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
     for test in tests:
@@ -162,15 +191,23 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def run_logged(cmd: list[str], log: Path, timeout: float) -> dict[str, Any]:
-    """Run cmd from the repository root, its output into log; on timeout its whole process group is killed."""
+def run_logged(
+    cmd: list[str], log: Path, timeout: float, cwd: Path = REPO, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run cmd (from the repository root unless cwd says otherwise), its output into log; on timeout its whole
+    process group is killed. env: variables added to subprocess_env()."""
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with log.open("w") as out:
         out.write("$ " + " ".join(cmd) + "\n\n")
         out.flush()
         process = subprocess.Popen(
-            cmd, cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            cwd=cwd,
+            env={**subprocess_env(), **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             returncode, timed_out = process.wait(timeout=max(timeout, 1)), False
@@ -198,8 +235,11 @@ def fresh_dir(path: Path) -> Path:
 class Check:
     """The parts of one check, the results they gathered, and the reports written from them."""
 
-    def __init__(self, data: Path, out: Path, device: str, tiny: bool, peak_tflops: float | None) -> None:
+    def __init__(
+        self, data: Path, out: Path, device: str, tiny: bool, peak_tflops: float | None, peer: Path | None = None
+    ) -> None:
         self.data, self.out, self.device, self.tiny = data.resolve(), out.resolve(), device, tiny
+        self.peer = peer.resolve() if peer else None
         self.started = time.perf_counter()
         self.result: dict[str, Any] = {
             "status": "running",
@@ -212,6 +252,7 @@ class Check:
             "tests": None,
             "recipes": {},
             "benchmark": None,
+            "peer": None,
         }
         self.peak = self._peak(peak_tflops)
 
@@ -241,9 +282,9 @@ class Check:
         run.update(tests=tests, counts=summarize_tests(tests))
         self.result["tests"] = run
 
-    def train_command(self, recipe: str) -> list[str]:
-        run_dir = fresh_dir(self.out / "runs" / recipe)
-        cmd = [sys.executable, str(SCRIPTS / "train.py"), f"experiment={recipe}"]
+    def train_command(self, recipe: str, seed: int) -> list[str]:
+        run_dir = fresh_dir(self.out / "runs" / recipe / f"seed{seed}")
+        cmd = [sys.executable, str(SCRIPTS / "train.py"), f"experiment={recipe}", f"seed={seed}"]
         if recipe == "cifar10_fast":
             cmd.append("trainer=gpu")  # as README.md runs the recipe: bf16, cuDNN autotuning
         elif not self.tiny:
@@ -254,13 +295,67 @@ class Check:
         return cmd
 
     def run_recipe(self, recipe: str) -> None:
-        run = run_logged(self.train_command(recipe), self.out / "logs" / f"{recipe}.log", self.time_left(recipe))
-        metrics_file = self.out / "runs" / recipe / "metrics.json"
-        if run["returncode"] == 0 and metrics_file.is_file():
-            metrics = json.loads(metrics_file.read_text())
-            for key in ("status", "test_acc", "val_acc_best", "epochs", "train_seconds", "train_images_per_second"):
-                run[key] = metrics.get(key)
-        self.result["recipes"][recipe] = run
+        """Train the recipe once per seed; the recipe's row holds the means (and the minimum test accuracy)."""
+        started, seeds = time.perf_counter(), RECIPE_SEEDS[recipe][: 2 if self.tiny else None]
+        runs = []
+        for seed in seeds:
+            left = self.time_left(recipe) - (time.perf_counter() - started)
+            log = self.out / "logs" / f"{recipe}-seed{seed}.log"
+            run = run_logged(self.train_command(recipe, seed), log, left)
+            run["seed"] = seed
+            metrics_file = self.out / "runs" / recipe / f"seed{seed}" / "metrics.json"
+            if run["returncode"] == 0 and metrics_file.is_file():
+                metrics = json.loads(metrics_file.read_text())
+                for key in ("status", "test_acc", "val_acc_best", "epochs", "train_seconds", "train_images_per_second"):
+                    run[key] = metrics.get(key)
+            runs.append(run)
+            if run["returncode"] != 0 or run["timed_out"]:
+                break
+        done = [r for r in runs if r.get("test_acc") is not None]
+        failed = next((r for r in runs if r["returncode"] != 0 or r["timed_out"]), None)
+        summary: dict[str, Any] = {
+            "command": runs[0]["command"],
+            "seeds": [r["seed"] for r in runs],
+            "runs": runs,
+            "returncode": failed["returncode"] if failed else 0,
+            "timed_out": bool(failed and failed["timed_out"]),
+            "log": (failed or runs[-1])["log"],
+            "wall_seconds": round(sum(r["wall_seconds"] for r in runs), 1),
+        }
+        if failed and failed.get("log_tail"):
+            summary["log_tail"] = failed["log_tail"]
+        for key in ("test_acc", "val_acc_best", "epochs", "train_seconds", "train_images_per_second"):
+            values = [r[key] for r in done if r.get(key) is not None]
+            summary[key] = mean(values)
+        summary["test_acc_min"] = min((r["test_acc"] for r in done), default=None)
+        self.result["recipes"][recipe] = summary
+
+    def run_peer(self) -> None:
+        """The peer on the same data and device, PEER_RUNS runs after its own warm-up run, in a folder of its own
+        (it writes a tensor copy of CIFAR-10 and a log where it runs)."""
+        if self.peer is None:
+            self.result["peer"] = {"not_run": "no --peer given (the path of airbench94_gpu.py)"}
+            return
+        folder = fresh_dir(self.out / "runs" / "peer")
+        folder.mkdir(parents=True)
+        env = {"CIFAR_ROOT": str(self.data / "cifar-10-batches-py"), "RUNS": str(PEER_RUNS)}
+        if self.tiny:
+            env.update(RUNS="1", WARMUP="0")
+        run = run_logged(
+            [sys.executable, str(self.peer)],
+            self.out / "logs" / "peer.log",
+            self.time_left("peer"),
+            cwd=folder,
+            env=env,
+        )
+        runs = parse_peer_output(Path(run["log"]).read_text(errors="replace"))
+        run.update(
+            file=str(self.peer),
+            runs=runs,
+            test_acc=mean([r["test_acc"] for r in runs]),
+            seconds=mean([r["seconds"] for r in runs]),
+        )
+        self.result["peer"] = run
 
     def run_benchmark(self) -> None:
         run_dir = fresh_dir(self.out / "runs" / "benchmark")
@@ -306,6 +401,7 @@ class Check:
             ("mnist_fast", "experiment=mnist_fast", lambda: self.run_recipe("mnist_fast")),
             ("cifar10_fast", "experiment=cifar10_fast", lambda: self.run_recipe("cifar10_fast")),
             ("benchmark", "benchmark: ResNet-18, CIFAR-10, bf16, channels-last", self.run_benchmark),
+            ("peer", "the peer, airbench94, beside the project's CIFAR-10 recipe", self.run_peer),
         ]
         for i, (part, title, run) in enumerate(parts, start=1):
             if self.time_left(part) < 10:
@@ -322,6 +418,24 @@ class Check:
         for problem in problems(self.result):
             print(f"  - {problem}")
         return 0 if self.result["status"] == "passed" else 1
+
+
+def peer_comparison(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The project's CIFAR-10 recipe against the peer on the same device: accuracy difference in points (project
+    minus peer) and the time ratio (the project's training seconds over the peer's seconds); None until both ran."""
+    peer, recipe = result.get("peer") or {}, (result.get("recipes") or {}).get(PEER_RECIPE) or {}
+    if peer.get("test_acc") is None or recipe.get("test_acc") is None:
+        return None
+    ratio = recipe["train_seconds"] / peer["seconds"] if recipe.get("train_seconds") and peer["seconds"] else None
+    return {
+        "recipe": PEER_RECIPE,
+        "project_test_acc": recipe["test_acc"],
+        "peer_test_acc": peer["test_acc"],
+        "points_behind_peer": round(100 * (peer["test_acc"] - recipe["test_acc"]), 2),
+        "project_train_seconds": recipe.get("train_seconds"),
+        "peer_seconds": peer["seconds"],
+        "time_ratio": round(ratio, 3) if ratio is not None else None,
+    }
 
 
 def describe_device(device: str) -> dict[str, Any]:
@@ -372,7 +486,11 @@ def problems(result: dict[str, Any]) -> list[str]:
             found.append(f"tests: pytest exit code {tests['returncode']} (see {tests['log']})")
         elif counts.get("skipped") and not result["simulation"]:
             found.append(f"tests: {counts['skipped']} skipped on a GPU machine")
+    peer = result.get("peer")
     runs = [*result.get("recipes", {}).items(), ("benchmark", result.get("benchmark"))]
+    runs += [("peer", peer)] if peer and "returncode" in peer else []
+    if peer and "returncode" in peer and peer["returncode"] == 0 and not peer["runs"]:
+        found.append(f"peer: no result found in its output (see {peer['log']})")
     for name, run in runs:
         if run and (run["timed_out"] or run["returncode"] != 0):
             why = "timed out" if run["timed_out"] else f"exit code {run['returncode']}"
@@ -386,13 +504,28 @@ def part_line(part: str, result: dict[str, Any]) -> str:
         run = result["tests"]
         counts = ", ".join(f"{n} {outcome}" for outcome, n in run["counts"].items() if n)
         return f"{counts or 'no tests'} in {run['wall_seconds']} s"
+    if part == "peer":
+        peer = result["peer"]
+        if "not_run" in peer:
+            return f"not run: {peer['not_run']}"
+        if peer["returncode"] != 0 or peer["timed_out"]:
+            why = "timed out" if peer["timed_out"] else "failed"
+            return f"{why} after {peer['wall_seconds']} s; see {peer['log']}"
+        versus = peer_comparison(result)
+        line = f"{len(peer['runs'])} runs, test acc {_cell(peer['test_acc'])}, {_cell(peer['seconds'], 2)} s each"
+        if versus:
+            line += f"; project {versus['points_behind_peer']:+.2f} points behind, time ratio {versus['time_ratio']}"
+        return line
     run = result["recipes"][part] if part in result["recipes"] else result["benchmark"]
     if run["returncode"] != 0 or run["timed_out"]:
         return f"{'timed out' if run['timed_out'] else 'failed'} after {run['wall_seconds']} s; see {run['log']}"
     if part == "benchmark":
         rates = ", ".join(f"{p} {v['images_per_second']:,.0f} img/s" for p, v in run["paths"].items())
         return f"{rates}; a/b {run['lightning_over_plain']}"
-    return f"test acc {run['test_acc']:.4f}, training {run['train_seconds']:.1f} s, {run['wall_seconds']} s in all"
+    seeds = f" (mean of {len(run['seeds'])} seeds)" if len(run.get("seeds", [])) > 1 else ""
+    return (
+        f"test acc {run['test_acc']:.4f}{seeds}, training {run['train_seconds']:.1f} s, {run['wall_seconds']} s in all"
+    )
 
 
 def _cell(value: Any, digits: int = 4) -> str:
@@ -445,13 +578,17 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines.append("Not run.")
     else:
         lines += [
-            "| recipe | test acc | best val acc | epochs | training s | train images/s | wall s | exit |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "Means over the seeds; `min` is the lowest test accuracy of them.",
+            "",
+            "| recipe | seeds | test acc | min | best val acc | epochs | training s | train images/s | wall s | exit |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for name, run in recipes.items():
             exit_note = "timed out" if run["timed_out"] else str(run["returncode"])
+            seeds = ", ".join(str(seed) for seed in run.get("seeds", [])) or "-"
             lines.append(
-                f"| {name} | {_cell(run.get('test_acc'))} | {_cell(run.get('val_acc_best'))} | "
+                f"| {name} | {seeds} | {_cell(run.get('test_acc'))} | {_cell(run.get('test_acc_min'))} | "
+                f"{_cell(run.get('val_acc_best'))} | "
                 f"{_cell(run.get('epochs'))} | {_cell(run.get('train_seconds'), 1)} | "
                 f"{_cell(run.get('train_images_per_second'), 0)} | {_cell(run['wall_seconds'], 1)} | {exit_note} |"
             )
@@ -487,7 +624,31 @@ def render_markdown(result: dict[str, Any]) -> str:
             "",
             f"`{bench['command']}`",
         ]
+    peer = result.get("peer")
+    lines += ["", "## Beside the peer: airbench94 on the same data and device", ""]
+    if peer is None:
+        lines.append("Not run.")
+    elif "not_run" in peer:
+        lines.append(f"Not run: {peer['not_run']}.")
+    else:
+        versus = peer_comparison(result)
+        recipe = recipes.get(PEER_RECIPE) or {}
+        lines += [
+            "| program | runs | test acc (mean) | seconds (mean) | what the seconds cover |",
+            "| --- | --- | --- | --- | --- |",
+            f"| project: experiment={PEER_RECIPE} | {len(recipe.get('seeds', []))} | {_cell(recipe.get('test_acc'))} "
+            f"| {_cell(recipe.get('train_seconds'), 2)} | training steps (metrics.json train_seconds) |",
+            f"| peer: `{peer['file']}` | {len(peer['runs'])} | {_cell(peer['test_acc'])} | "
+            f"{_cell(peer['seconds'], 2)} | training steps, whitening set-up and its final test pass |",
+        ]
+        if versus:
+            lines += [
+                "",
+                f"Project minus peer: {-versus['points_behind_peer']:+.2f} points of test accuracy; time ratio "
+                f"project/peer {_cell(versus['time_ratio'], 3)}.",
+            ]
     failing = [("tests", tests), *recipes.items(), ("benchmark", bench)]
+    failing += [("peer", peer)] if peer and "returncode" in peer else []
     failing = [(name, run) for name, run in failing if run and run.get("log_tail")]
     if failing:
         lines += ["", "## Output of the parts that failed", ""]
@@ -513,6 +674,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--peak-tflops", type=float, help="the GPU's dense bf16 peak in TFLOP/s, for a GPU the built-in table lacks"
     )
+    parser.add_argument(
+        "--peer", type=Path, help="airbench94_gpu.py, run beside the project's CIFAR-10 recipe on the same data and GPU"
+    )
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help=argparse.SUPPRESS)  # tests only
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests only: tiny data and runs
     args = parser.parse_args(argv)
@@ -531,4 +695,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    return Check(args.data, args.out, args.device, args.tiny, args.peak_tflops).run()
+    if args.peer is not None and not args.peer.is_file():
+        print(
+            f"--peer {args.peer} is not a file. Give the path of the reference program to run beside the project "
+            "(airbench94_gpu.py; it is not part of the project), or leave --peer out to skip that part.",
+            file=sys.stderr,
+        )
+        return 2
+    return Check(args.data, args.out, args.device, args.tiny, args.peak_tflops, args.peer).run()
