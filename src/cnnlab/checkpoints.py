@@ -20,10 +20,10 @@ REQUIRED_HPARAMS = ("model", "optimizer", "data")
 # What each stored config may instantiate. Configs are instantiated by Hydra, which calls any `_target_` it finds, so
 # a checkpoint naming anything else (or nesting a `_target_` deeper) could run code without any unpickling.
 ALLOWED_TARGETS = {
-    "model": "cnnlab.models.",
-    "data": "cnnlab.data.",
-    "optimizer": "torch.optim.",
-    "scheduler": "torch.optim.lr_scheduler.",
+    "model": ("cnnlab.models.",),
+    "data": ("cnnlab.data.",),
+    "optimizer": ("torch.optim.", "cnnlab.training.param_groups."),
+    "scheduler": ("torch.optim.lr_scheduler.", "cnnlab.training.schedules."),
 }
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6 is a zip archive
 PICKLE_MAGIC = b"\x80"  # the legacy torch.save format starts with a pickle protocol opcode
@@ -88,17 +88,19 @@ def _nested_targets(node: Any, where: str) -> list[str]:
 
 
 def check_targets(hparams: dict[str, Any], path: Path) -> None:
-    """Refuse stored configs that would make Hydra call anything but this project's models and data, or torch.optim."""
-    for key, prefix in ALLOWED_TARGETS.items():
+    """Refuse stored configs that would make Hydra call anything but ALLOWED_TARGETS: this project's models, data,
+    optimizer and schedule factories, and torch.optim."""
+    for key, prefixes in ALLOWED_TARGETS.items():
         node = hparams.get(key)
         if not node:
             continue
         target = str(node.get("_target_", ""))
         nested = [t for k, v in node.items() for t in _nested_targets(v, f"{key}.{k}")]
-        if not target.startswith(prefix) or nested:
-            what = f"{key}._target_={target!r}" if not target.startswith(prefix) else f"a nested {nested[0]}"
+        if not target.startswith(prefixes) or nested:
+            what = f"{key}._target_={target!r}" if not target.startswith(prefixes) else f"a nested {nested[0]}"
+            allowed = " or ".join(f"{prefix}*" for prefix in prefixes)
             raise UserError(
-                f"Checkpoint {path} names {what} in its hyper_parameters, where only {prefix}* may stand; rebuilding "
+                f"Checkpoint {path} names {what} in its hyper_parameters, where only {allowed} may stand; rebuilding "
                 "it would call code the checkpoint chose, so it was refused and nothing in it ran. Use a checkpoint "
                 "written by `cnnlab-train`, and do not load files from sources you do not trust."
             )

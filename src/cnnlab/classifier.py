@@ -20,6 +20,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from cnnlab.training.param_groups import make_optimizer
+
 MIN_SCHEDULE_STEPS = 16
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # layers with running statistics
 
@@ -257,8 +259,7 @@ class ImageClassifier(L.LightningModule):
         return [group for group in groups if group["params"]]
 
     def configure_optimizers(self) -> dict[str, Any]:
-        # _convert_="all": plain lists (AdamW betas), so the optimizer state in a checkpoint loads with weights_only
-        optimizer = instantiate(self.hparams.optimizer, _convert_="all")(self.parameter_groups())
+        optimizer = make_optimizer(self.hparams.optimizer, self.parameter_groups(), self.model)
         scheduler = make_scheduler(self.hparams.scheduler, optimizer, int(self.trainer.estimated_stepping_batches))
         if scheduler is None:
             return {"optimizer": optimizer}

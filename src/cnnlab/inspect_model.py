@@ -69,7 +69,7 @@ def predict_shape(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ..
         return (n,)
     if isinstance(module, nn.Linear):
         return (module.out_features,)
-    if isinstance(module, nn.BatchNorm2d | nn.ReLU | nn.Tanh | nn.Identity | nn.Dropout):
+    if isinstance(module, nn.BatchNorm2d | nn.ReLU | nn.GELU | nn.Tanh | nn.Identity | nn.Dropout):
         return in_shape
     return None
 

@@ -1,0 +1,44 @@
+"""Patch whitening of a model's first layer from the training images, set once when a run starts."""
+
+import lightning as L
+
+from cnnlab.errors import UserError
+
+
+class PatchWhitening(L.Callback):
+    """Sets the model's whitening layer (AirbenchNet.init_whitening) from training images at the start of a run, and
+    trains that layer's bias for the first bias_epochs epochs only.
+
+    Lightning has no hook for data-dependent initialization; this callback adds it. The images are the first
+    num_images of the DataModule's training split, normalized by its batch transform without augmentation, as
+    airbench94 does with 5000 images. A resumed run (fit with a checkpoint) keeps the whitening its checkpoint holds:
+    Lightning restores the weights before on_fit_start, so it is not computed again. The bias's requires_grad is set
+    at every epoch start from the epoch number, so a run resumed after bias_epochs keeps the bias fixed too.
+    """
+
+    def __init__(self, num_images: int = 5000, eps: float = 5e-4, bias_epochs: int = 3) -> None:
+        self.num_images, self.eps, self.bias_epochs = num_images, eps, bias_epochs
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        model = pl_module.model
+        if not hasattr(model, "init_whitening"):
+            raise UserError(
+                f"callbacks.whitening sets a patch-whitening layer, which {type(model).__name__} does not have. Use "
+                "model=airbench, or leave the callback out (callbacks.whitening=null)."
+            )
+        if stage == "fit" and not hasattr(trainer.datamodule, "splits"):
+            raise UserError(
+                "callbacks.whitening reads the training images from a cnnlab DataModule (data=cifar10, mnist, "
+                "folder, ...); this run's data has none. Leave the callback out (callbacks.whitening=null)."
+            )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is not None:
+            return  # resumed: the whitening came back with the checkpoint's weights
+        datamodule = trainer.datamodule
+        images, _ = datamodule.splits["train"]
+        normalized = datamodule.batch_transform(augment=False)(images[: self.num_images])
+        pl_module.model.init_whitening(normalized.to(pl_module.device), self.eps)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.model.whiten.bias.requires_grad_(trainer.current_epoch < self.bias_epochs)

@@ -1,0 +1,217 @@
+"""model=airbench: its patch whitening, the network, the normalization-bias groups, the linear schedule, and runs."""
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch import nn
+from torch.nn import functional as F
+
+from cnnlab.classifier import build_model, replanned_scheduler
+from cnnlab.evaluate import evaluate
+from cnnlab.inspect_model import layer_table
+from cnnlab.models import AirbenchNet
+from cnnlab.train import build_classifier, train
+from cnnlab.training.schedules import LinearWarmupDecay
+from tests.conftest import DATASETS, compose_config, quick_run
+
+BN_BIASES = [f"layer{i}.bn{j}.bias" for i in (1, 2, 3) for j in (1, 2)]
+
+
+def recipe(data_dir, *extra: str) -> list[str]:
+    """model=airbench with its whitening callback, grouped SGD and linear schedule, narrow enough for a CPU test."""
+    parts = ["callbacks/whitening=default", "optimizer=sgd_norm_bias", "scheduler=linear_warmup_decay"]
+    small = ["model.widths=[8,16,16]", "optimizer.lr=0.05", "trainer.limit_train_batches=4"]
+    return quick_run(data_dir, *parts, *small, *extra, model="airbench", data="cifar10")
+
+
+def correlated_images(n: int = 64) -> torch.Tensor:
+    """Images whose neighbouring pixels and channels are strongly correlated, as natural images' are."""
+    g = torch.Generator().manual_seed(0)
+    x = F.avg_pool2d(torch.randn(n, 3, 34, 34, generator=g), 3, stride=1)  # (n, 3, 32, 32), smooth
+    mix = torch.tensor([[1.0, 0.8, 0.6], [0.0, 0.6, 0.5], [0.0, 0.0, 0.4]])
+    return torch.einsum("dc,nchw->ndhw", mix, x)
+
+
+def patch_second_moment(features: torch.Tensor) -> torch.Tensor:
+    flat = features.transpose(0, 1).reshape(len(features[0]), -1)  # (N, D, H, W) -> (D, N*H*W)
+    return flat @ flat.T / flat.shape[1]
+
+
+# --- the network ----------------------------------------------------------------------------------------------------
+def test_whitening_layer_outputs_are_uncorrelated_with_unit_variance_on_the_training_patches():
+    images = correlated_images()
+    model = AirbenchNet()
+    model.init_whitening(images, eps=1e-8)
+    patches = F.unfold(images, 2).transpose(1, 2).reshape(-1, 12, 1, 1)  # every 2x2 patch as a 12-vector
+    assert (patch_second_moment(patches) - torch.eye(12)).abs().max() > 0.5  # far from white before
+    positive, negative = model.whiten.weight.chunk(2)
+    white = patch_second_moment(F.conv2d(images, positive))
+    assert torch.allclose(white, torch.eye(12), atol=1e-3), white
+    assert torch.equal(negative, -positive)
+    assert not model.whiten.weight.requires_grad and model.whiten.bias.requires_grad
+
+
+def test_airbench_classifies_a_batch_with_torchvision_style_parameter_names():
+    model = AirbenchNet(in_channels=3, num_classes=7, widths=[8, 16, 32])
+    assert model(torch.randn(4, 3, 32, 32)).shape == (4, 7)
+    assert model.whiten.out_channels == 2 * 3 * 2 * 2  # eigenvector filters and their negatives
+    per_block = ("conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight", "bn2.weight", "bn2.bias")
+    blocks = [f"layer{i}.{name}" for i in (1, 2, 3) for name in per_block]
+    assert [name for name, _ in model.named_parameters()] == ["whiten.weight", "whiten.bias", *blocks, "fc.weight"]
+    assert AirbenchNet(in_channels=1)(torch.randn(2, 1, 28, 28)).shape == (2, 10)  # MNIST-sized inputs too
+
+
+@pytest.mark.parametrize("data", DATASETS)
+def test_inspector_shows_the_airbench_layer_table_with_its_macs(data, tmp_path):
+    cfg = compose_config(["model=airbench", f"data={data}"], tmp_path)
+    rows = layer_table(instantiate(cfg.model), tuple(cfg.data.image_shape))
+    assert all(row.agrees for row in rows), [r.name for r in rows if not r.agrees]
+    if data == "cifar10":
+        assert sum(r.macs for r in rows) == 118_147_360  # the figure configs/model/airbench.yaml states
+        assert sum(r.params for r in rows) == 1_972_792
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_batchnorm_weights_stay_at_one_unless_configured_trainable(tmp_path, trainable):
+    cfg = compose_config(["model=airbench", "data=cifar10", f"model.bn_weight_trainable={trainable}"], tmp_path)
+    model = build_model(dict(cfg.model))
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 6
+    assert all(m.weight.requires_grad is trainable and m.bias.requires_grad for m in norms)
+    assert all(m.momentum == 0.4 and m.eps == 1e-12 for m in norms)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model(torch.randn(4, 3, 32, 32)).logsumexp(1).sum().backward()
+    optimizer.step()
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) is not trainable for m in norms)
+
+
+# --- optimizer groups and schedule ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheduler", ["linear_warmup_decay", "onecycle"])
+def test_normalization_biases_get_their_configured_rate_and_weight_decay(tiny_data, tmp_path, scheduler):
+    overrides = quick_run(tiny_data, "optimizer=sgd_norm_bias", f"scheduler={scheduler}", model="airbench")
+    cfg = compose_config([*overrides, "optimizer.lr=0.5", "optimizer.weight_decay=0.01"], tmp_path)
+    classifier = build_classifier(cfg)
+    classifier.trainer = L.Trainer(max_steps=10, logger=False)  # the schedule's length comes from the trainer
+    optimizer = classifier.configure_optimizers()["optimizer"]
+    names = {id(p): n for n, p in classifier.model.named_parameters()}
+    rest, biases = optimizer.param_groups
+    assert sorted(names[id(p)] for p in biases["params"]) == sorted(BN_BIASES)
+    assert "whiten.bias" in [names[id(p)] for p in rest["params"]]  # the whitening bias is no norm bias
+    peak = "initial_lr" if scheduler == "linear_warmup_decay" else "max_lr"  # one-cycle sets rates from its max_lr
+    assert (rest[peak], biases[peak]) == pytest.approx((0.5, 0.5 * 64))
+    assert (rest["weight_decay"], biases["weight_decay"]) == pytest.approx((0.01, 0.01 / 64))
+
+
+def rates(total_steps: int, steps: int, **factors) -> list[float]:
+    optimizer = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=2.0)
+    scheduler = LinearWarmupDecay(optimizer, total_steps, **factors)
+    seen = []
+    for _ in range(steps):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return seen + [optimizer.param_groups[0]["lr"]]
+
+
+def test_linear_warmup_decay_starts_peaks_and_ends_at_its_configured_rates():
+    lr = rates(100, 100, start_factor=0.2, peak_fraction=0.23, end_factor=0.07)
+    assert lr[0] == pytest.approx(2.0 * 0.2)
+    assert lr[10] == pytest.approx(2.0 * (0.2 + 0.8 * 10 / 23))
+    assert max(lr) == pytest.approx(2.0) and lr.index(max(lr)) == 23  # int(0.23 * 100)
+    assert lr[100] == pytest.approx(2.0 * 0.07)
+    assert lr[60] == pytest.approx(2.0 * (1 - 0.93 * 37 / 77))
+
+
+def test_linear_warmup_decay_resumes_from_its_saved_state_and_replans_over_a_longer_run(tmp_path):
+    whole = rates(50, 50)
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
+    scheduler = LinearWarmupDecay(optimizer, 50)
+    for _ in range(20):
+        optimizer.step()
+        scheduler.step()
+    torch.save({"scheduler": scheduler.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "s.pt")
+    saved = torch.load(tmp_path / "s.pt", weights_only=True)  # plain numbers only, as a checkpoint needs
+    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
+    restored = LinearWarmupDecay(optimizer, 50)  # built first, then both states loaded, as Lightning resumes
+    optimizer.load_state_dict(saved["optimizer"])
+    restored.load_state_dict(saved["scheduler"])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(whole[20])
+    optimizer.step()
+    restored.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(whole[21])
+    config = {"_target_": "cnnlab.training.schedules.LinearWarmupDecay", "_partial_": True}
+    longer = replanned_scheduler(config, optimizer, total_steps=80, done_steps=20)
+    assert longer.total_steps == 80
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(rates(80, 20)[20])
+
+
+# --- runs -----------------------------------------------------------------------------------------------------------
+class WhiteningRecord(L.Callback):
+    """What the whitening layer's bias is at each epoch's start and end, and whether it trains."""
+
+    def __init__(self) -> None:
+        self.trains: list[bool] = []
+        self.bias_at_end: list[torch.Tensor] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.trains.append(pl_module.model.whiten.bias.requires_grad)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.bias_at_end.append(pl_module.model.whiten.bias.detach().clone())
+
+
+@pytest.fixture(scope="module")
+def airbench_run(tiny_data, tmp_path_factory):
+    """Two short epochs of the recipe with the whitening bias trained in the first only."""
+    run_dir = tmp_path_factory.mktemp("airbench")
+    overrides = recipe(tiny_data, "trainer.max_epochs=2", "callbacks.whitening.bias_epochs=1")
+    record = WhiteningRecord()
+    metrics = train(compose_config([*overrides, "callbacks.whitening.num_images=50"], run_dir), [record])
+    return run_dir, metrics, record
+
+
+def checkpoint_state(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_a_short_airbench_run_trains_tests_and_eval_loads_its_checkpoint(airbench_run, tmp_path):
+    run_dir, metrics, _ = airbench_run
+    assert metrics["status"] == "finished" and metrics["global_step"] == 8
+    scored = evaluate(compose_config([f"ckpt_path={run_dir}/checkpoints/best.ckpt"], tmp_path, config_name="eval"))
+    assert abs(scored["test_acc"] - metrics["test_acc"]) <= 1e-6
+
+
+def test_whitening_is_set_at_fit_start_from_the_normalized_training_images(airbench_run, tiny_data, tmp_path):
+    run_dir, _, _ = airbench_run
+    cfg = compose_config(recipe(tiny_data), tmp_path)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    images = datamodule.splits["train"][0][:50]
+    expected = build_model(dict(cfg.model))
+    expected.init_whitening(datamodule.batch_transform(augment=False)(images), eps=5e-4)
+    stored = checkpoint_state(run_dir / "checkpoints" / "last.ckpt")["model.whiten.weight"]
+    assert torch.allclose(stored, expected.whiten.weight, atol=1e-6)
+
+
+def test_whitening_bias_trains_for_bias_epochs_only(airbench_run):
+    _, _, record = airbench_run
+    assert record.trains == [True, False]
+    first, second = record.bias_at_end
+    assert first.abs().sum() > 0  # it trained from zero in epoch 0
+    assert torch.equal(first, second)  # and stayed in epoch 1
+
+
+def test_a_resumed_run_keeps_its_checkpoint_whitening_and_fixed_bias(airbench_run, tiny_data, tmp_path):
+    run_dir, _, _ = airbench_run
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt["state_dict"]["model.whiten.weight"] *= 2  # unlike anything the images give: recomputing would show
+    torch.save(ckpt, tmp_path / "edited.ckpt")
+    overrides = recipe(tiny_data, "trainer.max_epochs=3", "callbacks.whitening.bias_epochs=1")
+    record = WhiteningRecord()
+    train(compose_config([*overrides, f"ckpt_path={tmp_path / 'edited.ckpt'}"], tmp_path / "run"), [record])
+    resumed = checkpoint_state(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert torch.equal(resumed["model.whiten.weight"], ckpt["state_dict"]["model.whiten.weight"])
+    assert torch.equal(resumed["model.whiten.bias"], ckpt["state_dict"]["model.whiten.bias"])
+    assert record.trains == [False]
