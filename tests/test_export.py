@@ -89,19 +89,18 @@ def test_export_script_reports_a_corrupt_checkpoint_with_exit_2(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt"]
 
 
-def with_tta_flip(ckpt_path):
-    """The checkpoint rewritten as a run trained with tta_flip=true would store it."""
+def with_tta(ckpt_path, level: str):
+    """The checkpoint rewritten as a run trained with tta=<level> would store it."""
     ckpt = torch.load(ckpt_path, weights_only=True)
-    ckpt["hyper_parameters"]["tta_flip"] = True
+    ckpt["hyper_parameters"]["tta"] = level
     torch.save(ckpt, ckpt_path)
     return ckpt_path
 
 
-@pytest.mark.parametrize("model, data, tta", [("lenet5", "mnist", False), ("resnet8", "cifar10", True)])
+@pytest.mark.parametrize("model, data, tta", [("lenet5", "mnist", "none"), ("resnet8", "cifar10", "flip_translate")])
 def test_onnx_and_torchscript_exports_describe_themselves_as_the_checkpoint_does(tiny_data, tmp_path, model, data, tta):
     ckpt = save_untrained_checkpoint(tmp_path / "best.ckpt", tiny_data, model, data)
-    if tta:
-        with_tta_flip(ckpt)
+    with_tta(ckpt, tta)
     onnx_file = export(export_config(f"ckpt_path={ckpt}", "format=onnx"))["output"]
     script_file = export(export_config(f"ckpt_path={ckpt}", "format=torchscript"))["output"]
 
@@ -111,7 +110,7 @@ def test_onnx_and_torchscript_exports_describe_themselves_as_the_checkpoint_does
     stored = data_config(load_checkpoint(ckpt))
     for key in ("image_shape", "mean", "std", "class_names"):
         assert from_onnx[key] == list(stored[key]), key
-    assert from_onnx["tta_flip"] is tta
+    assert from_onnx["tta"] == tta
     assert from_onnx["checkpoint_sha256"] == file_sha256(ckpt)
     # What onnxruntime users read (README): the same values.
     meta = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"]).get_modelmeta()

@@ -157,7 +157,7 @@ def test_onnx_export_predicts_the_top_k_of_its_checkpoint(trained, tmp_path):
 def test_onnx_export_of_an_rgb_flip_tta_model_predicts_as_its_checkpoint(tiny_data, tmp_path):
     ckpt = save_untrained_checkpoint(tmp_path / "best.ckpt", tiny_data, "resnet8", "cifar10")
     stored = torch.load(ckpt, weights_only=True)
-    stored["hyper_parameters"]["tta_flip"] = True
+    stored["hyper_parameters"]["tta"] = "flip"
     torch.save(stored, ckpt)
     save_test_digits(ckpt, tmp_path / "images", count=6)
     model = export_onnx(ckpt, tmp_path / "cifar.onnx")

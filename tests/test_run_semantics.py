@@ -211,7 +211,7 @@ def test_test_stage_eval_predict_and_export_score_the_same_averaged_flip_average
 
     best = ema_run / "checkpoints" / "best.ckpt"
     ckpt = load_checkpoint(best)
-    assert ckpt["hyper_parameters"]["tta_flip"] and "current_model_state" in ckpt
+    assert ckpt["hyper_parameters"]["tta"] == "flip" and "current_model_state" in ckpt
     train_metrics = json.loads((ema_run / "metrics.json").read_text())
     evaluated = evaluate(compose_config([f"ckpt_path={best}"], tmp_path / "eval", config_name="eval"))
     assert evaluated["test_acc"] == pytest.approx(train_metrics["test_acc"], abs=1e-6)
@@ -236,7 +236,7 @@ def test_test_stage_eval_predict_and_export_score_the_same_averaged_flip_average
         assert row["probabilities"][0] == pytest.approx(float(p.max()), abs=1e-5)
 
     exported = export(export_config(f"ckpt_path={best}", f"output={tmp_path / 'm.onnx'}"))
-    assert exported["tta"] is True
+    assert exported["tta"] == "flip"
     import onnxruntime
 
     session = onnxruntime.InferenceSession(exported["output"], providers=["CPUExecutionProvider"])
@@ -249,7 +249,7 @@ def test_test_stage_eval_predict_and_export_score_the_same_averaged_flip_average
 def test_eval_reproduces_the_test_score_of_a_flip_tta_run_in_bf16(tiny_data, tmp_path):
     from cnnlab.evaluate import evaluate
 
-    overrides = quick_run(tiny_data, "tta_flip=true", "trainer.precision=bf16-mixed", model="resnet8", data="cifar10")
+    overrides = quick_run(tiny_data, "tta=flip", "trainer.precision=bf16-mixed", model="resnet8", data="cifar10")
     metrics = train(compose_config([*overrides, "trainer.max_epochs=2"], tmp_path / "run"))
     evaluated = evaluate(
         compose_config([f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}"], tmp_path / "ev", "eval")

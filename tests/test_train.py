@@ -120,7 +120,7 @@ def test_hparams_tab_holds_a_curated_row_and_no_duplicate_scalars(finished_run):
     row = session.session_start_info.hparams
     assert set(row) == {
         "model", "parameters", "data", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "scheduler",
-        "label_smoothing", "precision", "seed", "ema_decay", "tta_flip", "init_from",
+        "label_smoothing", "precision", "seed", "ema_decay", "tta", "init_from",
     }  # fmt: skip
     assert row["model"].string_value == "LeNet5" and row["parameters"].number_value == 61_706
     assert row["lr"].number_value == pytest.approx(0.05) and row["scheduler"].string_value == "OneCycleLR"
@@ -144,7 +144,7 @@ def test_compiled_model_keeps_its_checkpoint_keys(tiny_data, tmp_path):
 
 
 def test_flip_test_time_augmentation_averages_an_image_and_its_mirror(tiny_data, tmp_path):
-    cfg = compose_config(quick_run(tiny_data, "tta_flip=true", model="resnet8", data="cifar10"), tmp_path)
+    cfg = compose_config(quick_run(tiny_data, "tta=flip", model="resnet8", data="cifar10"), tmp_path)
     classifier = build_classifier(cfg).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -212,7 +212,7 @@ def test_every_shipped_experiment_trains_as_shipped_on_cpu(full_split_data, tmp_
     # The recipe's EMA, as shipped (an update every 5 steps, warm-up 10): the average took the weights after step 1
     # (update 0 copies them), then after step 6 with decay min(0.99, 2 / 11). Checkpoints hold that average, and the
     # raw weights beside it.
-    assert cfg.trainer.precision == "bf16-mixed" and cfg.tta_flip
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.tta == "flip"
     first, sixth = weights.after_step[1], weights.after_step[6]
     for key, value in last["state_dict"].items():
         if value.is_floating_point():

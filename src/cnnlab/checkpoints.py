@@ -139,11 +139,12 @@ def data_config(ckpt: dict[str, Any], overrides: dict[str, Any] | None = None, s
 def classifier_from_checkpoint(ckpt: dict[str, Any], source: str = ""):
     """The ImageClassifier a checkpoint describes, with its trained weights, in eval mode on the CPU."""
     from cnnlab.classifier import ImageClassifier  # Lightning loads only once the file is known to be good
+    from cnnlab.tta import stored_tta
 
     hparams = ckpt["hyper_parameters"]
-    keys = ("model", "optimizer", "scheduler", "data", "label_smoothing", "channels_last", "tta_flip", "finetune")
-    try:
-        classifier = ImageClassifier(**{k: hparams[k] for k in keys if k in hparams})
+    keys = ("model", "optimizer", "scheduler", "data", "label_smoothing", "channels_last", "finetune")
+    try:  # tta: the level, or the one a checkpoint written before the levels meant by tta_flip
+        classifier = ImageClassifier(**{k: hparams[k] for k in keys if k in hparams}, tta=stored_tta(hparams))
     except Exception as err:  # a stored config naming a class or argument this version does not have
         raise UserError(
             f"The model stored in checkpoint {source} cannot be rebuilt ({type(err).__name__}: {err}). It may come "

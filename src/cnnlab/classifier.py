@@ -7,7 +7,6 @@ It is built from plain config dictionaries (the model's, the optimizer's, the sc
 
 import inspect
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -21,6 +20,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cnnlab.training.param_groups import make_optimizer
+from cnnlab.tta import tta_logits
 
 MIN_SCHEDULE_STEPS = 16
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # layers with running statistics
@@ -76,20 +76,15 @@ def replanned_scheduler(
     return replanned
 
 
-def flip_averaged(net: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """Logits averaged over the images and their mirror images (flip test-time augmentation); x is N x C x H x W."""
-    return (net(x) + net(x.flip(3))) / 2
-
-
 class InferenceNet(nn.Module):
-    """The classifier's evaluation path as a plain module, for export: the model, flip-averaged under tta_flip."""
+    """The classifier's evaluation path as a plain module, for export: the model at a TTA level (cnnlab.tta)."""
 
-    def __init__(self, model: nn.Module, tta_flip: bool) -> None:
+    def __init__(self, model: nn.Module, tta: str) -> None:
         super().__init__()
-        self.model, self.tta_flip = model, tta_flip
+        self.model, self.tta = model, tta
 
     def forward(self, images: Tensor) -> Tensor:
-        return flip_averaged(self.model, images) if self.tta_flip else self.model(images)
+        return tta_logits(self.model, images, self.tta)
 
 
 class TrainingSums(Metric):
@@ -129,7 +124,8 @@ class ImageClassifier(L.LightningModule):
             mean, std, class_names), so evaluation and prediction can rebuild the data path from a checkpoint alone.
         label_smoothing: cross-entropy label smoothing in [0, 1) of the training loss (evaluation losses are plain).
         channels_last: run the model and its inputs in channels-last memory format (faster convolutions).
-        tta_flip: evaluate on each image and its mirror image and average the logits (for flip-invariant data).
+        tta: test-time augmentation level of evaluation (cnnlab.tta): none, flip (each image and its mirror image,
+            logits averaged; for flip-invariant data) or flip_translate (six views).
         finetune: for a run started from another run's weights (cnnlab.finetune): `freeze`, module name prefixes
             whose parameters and BatchNorm statistics stay fixed; `backbone_lr_scale`, the learning-rate factor of
             the carried-over weights; `fresh`, the names of the freshly initialized ones (filled in by train()).
@@ -143,7 +139,7 @@ class ImageClassifier(L.LightningModule):
         data: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
-        tta_flip: bool = False,
+        tta: str = "none",
         finetune: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -192,11 +188,11 @@ class ImageClassifier(L.LightningModule):
         self.train_sums.reset()
 
     def predict_logits(self, x: Tensor) -> Tensor:
-        """Logits for evaluation: of the images, or averaged with their mirror images under tta_flip.
+        """Logits for evaluation: of the images, or averaged over their views at the TTA level (cnnlab.tta).
 
         The one inference path: validation, the test stage, eval, predict and export (cnnlab.export) all run it.
         """
-        return flip_averaged(self, x) if self.hparams.get("tta_flip") else self(x)
+        return tta_logits(self, x, self.hparams.get("tta", "none"))
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> None:
         x, y = batch

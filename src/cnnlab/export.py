@@ -1,7 +1,7 @@
 """export(cfg): write a checkpoint's model as ONNX or TorchScript and check it against PyTorch on a batch.
 
-The exported network is the classifier's evaluation path as a plain module (no Lightning): the model, and for a run
-trained with `tta_flip` the mirror-image averaging too, so an export computes what eval scored. Input `images`, a
+The exported network is the classifier's evaluation path as a plain module (no Lightning): the model, and the test-time
+augmentation of the run's `tta` level too (cnnlab.tta), so an export computes what eval scored. Input `images`, a
 float32 batch normalized as the data config says (N x C x H x W, any N), output `logits`. ONNX uses the
 TorchScript-based exporter (`torch.onnx.export(dynamo=False)`): the newer torch.export-based one needs the separate
 `onnxscript` package and gives nothing this network needs. Both formats carry the description that
@@ -102,7 +102,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     output = Path(cfg.output) if cfg.output else source.with_name(source.stem + SUFFIXES[cfg.format])
     classifier = classifier_from_checkpoint(ckpt, str(source))
     description = describe(ckpt, source)
-    tta = description["tta_flip"]
+    tta = description["tta"]
     model = InferenceNet(classifier.model.float().to(memory_format=torch.contiguous_format), tta).eval()
     # Traced at one batch size and checked at another, so a batch dimension baked in as a constant shows up.
     example, check = sample_batch(ckpt, 2, seed=0), sample_batch(ckpt, cfg.batch_size, seed=1)
@@ -133,7 +133,12 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         "description": description,
     }
     where = {"onnx": "metadata_props", "torchscript": "the extra file cnnlab.json"}
-    graph = "flip TTA in the graph (each image and its mirror image, logits averaged)" if tta else "no TTA in the graph"
+    graph = {
+        "none": "no TTA in the graph",
+        "flip": "tta=flip in the graph (each image and its mirror image, logits averaged)",
+        "flip_translate": "tta=flip_translate in the graph (6 views: each image and its mirror image, as they are "
+        "and translated by one pixel up-left and down-right, logits averaged)",
+    }[tta]
     print(
         f"Wrote {output} ({cfg.format}, input images: N x {' x '.join(map(str, check.shape[1:]))}, {graph}). "
         f"It carries its image shape, mean, std and class names in {where[cfg.format]}. "

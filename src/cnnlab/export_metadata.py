@@ -17,13 +17,14 @@ from hydra.utils import instantiate
 import cnnlab
 from cnnlab.checkpoints import data_config, file_sha256
 from cnnlab.errors import UserError
+from cnnlab.tta import stored_tta
 
 TORCHSCRIPT_FILE = "cnnlab.json"  # the name of the description inside a TorchScript file (_extra_files)
 INPUT = "images: float32 N x C x H x W, (pixel / 255 - mean) / std per channel; grayscale (C=1) or RGB (C=3)"
 # What a program reading an export must find to use it; the rest (version, checkpoint hash) is for people.
-REQUIRED = ("image_shape", "mean", "std", "class_names", "tta_flip")
+REQUIRED = ("image_shape", "mean", "std", "class_names")
 # Every key describe() writes; other metadata an ONNX file carries (from other tools) is left out on reading.
-DESCRIBED = (*REQUIRED, "input", "output", "cnnlab_version", "checkpoint_sha256")
+DESCRIBED = (*REQUIRED, "tta", "input", "output", "cnnlab_version", "checkpoint_sha256")
 
 
 def describe(ckpt: dict[str, Any], checkpoint_path: str | Path) -> dict[str, Any]:
@@ -36,7 +37,7 @@ def describe(ckpt: dict[str, Any], checkpoint_path: str | Path) -> dict[str, Any
         "mean": [float(m) for m in datamodule.mean],  # per channel, of pixels scaled to [0, 1]
         "std": [float(s) for s in datamodule.std],
         "class_names": [str(name) for name in datamodule.class_names],  # logit i is class_names[i]
-        "tta_flip": bool(ckpt["hyper_parameters"].get("tta_flip", False)),  # mirror-image averaging in the graph
+        "tta": stored_tta(ckpt["hyper_parameters"]),  # the test-time augmentation inside the graph (cnnlab.tta)
         "input": INPUT,
         "output": "logits: float32 N x num_classes (softmax gives probabilities)",
         "cnnlab_version": cnnlab.__version__,
@@ -65,7 +66,10 @@ def description_from_onnx(props: dict[str, str], path: str | Path) -> dict[str, 
             "checkpoints/best.ckpt format=onnx`, or predict with the checkpoint itself."
         )
     try:
-        return {key: json.loads(value) for key, value in props.items() if key in DESCRIBED}
+        description = {key: json.loads(value) for key, value in props.items() if key in DESCRIBED}
+        # Exports written before the TTA levels say tta_flip (true or false) instead.
+        description.setdefault("tta", stored_tta({"tta_flip": json.loads(props.get("tta_flip", "false"))}))
+        return description
     except json.JSONDecodeError as err:
         raise UserError(
             f"The cnnlab description in {path} is damaged ({err}); export the checkpoint again with scripts/export.py."
@@ -85,4 +89,6 @@ def read_torchscript_description(path: str | Path) -> dict[str, Any]:
             f"{path} holds no {TORCHSCRIPT_FILE}: it was not written by this version of scripts/export.py. Export "
             "the checkpoint again with format=torchscript."
         )
-    return json.loads(files[TORCHSCRIPT_FILE])
+    description = json.loads(files[TORCHSCRIPT_FILE])
+    description.setdefault("tta", stored_tta(description))  # written before the TTA levels: tta_flip instead
+    return description

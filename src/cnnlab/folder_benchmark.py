@@ -24,7 +24,10 @@ from cnnlab.run_record import environment, write_json
 from cnnlab.train import plain
 
 # Keys the reference data config takes from the folder's, so that both train on the same batches.
-SHARED_KEYS = ("batch_size", "eval_batch_size", "val_size", "split_seed", "loader", "augment", "crop_padding", "flip")
+SHARED_KEYS = (
+    *("batch_size", "eval_batch_size", "val_size", "split_seed", "loader"),
+    *("augment", "crop_padding", "crop_pad_mode", "flip"),
+)
 
 
 def write_cifar_folder(source: Path, root: Path) -> int:

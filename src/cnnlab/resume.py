@@ -19,6 +19,14 @@ def override_key(arg: str) -> str:
     return arg.split("=", 1)[0].lstrip("+~")
 
 
+def legacy_override(arg: str) -> str:
+    """An override of a run made before a key was renamed, in today's terms: tta_flip=true is tta=flip."""
+    if override_key(arg) == "tta_flip":
+        value = arg.split("=", 1)[1].strip().lower()
+        return f"tta={'flip' if value == 'true' else 'none'}"
+    return arg
+
+
 def run_dir_of_checkpoint(ckpt: Path) -> Path | None:
     """The run folder holding ckpt when it is <run dir>/checkpoints/<name>.ckpt of a run with its .hydra/ record."""
     run_dir = ckpt.parent.parent
@@ -57,7 +65,7 @@ def resume_arguments(args: list[str]) -> list[str]:
     if any(a in ("-m", "--multirun") for a in args):
         raise UserError("resume= continues one run; it does not combine with -m/--multirun. Drop -m.")
     run_dir, ckpt = run_dir.resolve(), ckpt.resolve()
-    original = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    original = [legacy_override(a) for a in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []]
     given = [a for a in args if override_key(a) not in DROPPED]
     given_keys = {override_key(a) for a in given if "=" in a}
     kept = [a for a in original if override_key(a) not in DROPPED and override_key(a) not in given_keys]

@@ -45,7 +45,7 @@ def hparams_row(cfg: DictConfig, parameters: int, global_batch: int) -> dict[str
         "precision": str(cfg.trainer.precision),
         "seed": int(cfg.seed),
         "ema_decay": float(ema.decay) if ema else 0.0,
-        "tta_flip": bool(cfg.tta_flip),
+        "tta": str(cfg.tta),
         "init_from": str(cfg.get("init_from") or ""),
     }
 

@@ -35,7 +35,7 @@ def build_classifier(cfg: DictConfig) -> ImageClassifier:
         data=plain(cfg.data),
         label_smoothing=cfg.label_smoothing,
         channels_last=cfg.channels_last,
-        tta_flip=cfg.tta_flip,
+        tta=cfg.tta,
         finetune=finetune_settings(cfg),
     )
     if cfg.compile.enabled:

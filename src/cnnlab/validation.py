@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.errors import UserError
 from cnnlab.resume import check_checkpoint_fits
+from cnnlab.tta import TTA_LEVELS
 
 
 def _plain(node: Any) -> Any:
@@ -185,10 +186,19 @@ def check_finetune(cfg: DictConfig) -> None:
             frozen_modules(build_model(_plain(cfg.model)), list(cfg.freeze))
 
 
+def check_tta(cfg: DictConfig) -> None:
+    if cfg.get("tta") not in TTA_LEVELS:
+        raise UserError(
+            f"tta={cfg.get('tta')} is not a test-time augmentation level; choose one of {', '.join(TTA_LEVELS)} "
+            "(flip: each image and its mirror image; flip_translate: those and four one-pixel translations)."
+        )
+
+
 def validate_config(cfg: DictConfig) -> None:
     """The checks that need no data read, cheapest first; raises the first UserError found."""
     check_logger_packages(cfg)
     check_numbers(cfg)
+    check_tta(cfg)
     check_accelerator(cfg)
     check_paths(cfg)
     check_split(cfg)

@@ -17,10 +17,24 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from cnnlab.data.tensor_loader import BatchTransform, EpochSampler, TensorLoader
+from cnnlab.data.tensor_loader import FLIPS, PAD_MODES, BatchTransform, EpochSampler, TensorLoader, flip_mode
 from cnnlab.errors import UserError
 
 LOADERS = ("tensor", "torchvision")
+
+
+def check_augmentation(flip: str, crop_pad_mode: str, loader: str) -> None:
+    """Refuse data.flip and data.crop_pad_mode values that are not known, or that the loader cannot apply."""
+    if flip not in FLIPS:
+        raise UserError(f"data.flip={flip!r} is not known; choose one of {', '.join(FLIPS)} (true means random).")
+    if crop_pad_mode not in PAD_MODES:
+        raise UserError(f"data.crop_pad_mode={crop_pad_mode!r} is not known; choose one of {', '.join(PAD_MODES)}.")
+    if flip == "alternating" and loader != "tensor":
+        # A per-image torchvision transform knows neither its image's index nor the epoch, which alternating needs.
+        raise UserError(
+            f"data.flip=alternating needs data.loader=tensor; data.loader={loader} applies per-image torchvision "
+            "transforms, which know neither the image nor the epoch. Use data.loader=tensor, or data.flip=random."
+        )
 
 
 class ImageTensorDataset(Dataset):
@@ -58,7 +72,8 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         augment: bool = False,
         crop_padding: int = 0,
-        flip: bool = False,
+        crop_pad_mode: str = "zeros",
+        flip: bool | str = False,
         drop_last: bool = False,
         download: bool = True,
         num_classes: int | None = 10,
@@ -74,7 +89,9 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.split_seed, self.seed = val_size, split_seed, seed
         self.loader, self.num_workers, self.download = loader, num_workers, download
-        self.augment, self.crop_padding, self.flip = augment, crop_padding, flip
+        self.augment, self.crop_padding, self.crop_pad_mode = augment, crop_padding, crop_pad_mode
+        self.flip = flip_mode(flip)  # true/false: random/none, as configs written before the modes say
+        check_augmentation(self.flip, crop_pad_mode, loader)
         self.drop_last = drop_last
         self.num_classes, self.image_shape = num_classes, tuple(image_shape)
         # None: found in the files by discover() (a folder's classes and pixel statistics, CIFAR-100's class names).
@@ -212,14 +229,16 @@ class ImageDataModule(L.LightningDataModule):
 
     def batch_transform(self, augment: bool) -> BatchTransform:
         """The tensor path's normalization (and augmentation when asked), on whole batches."""
-        return BatchTransform(self.mean, self.std, self.crop_padding if augment else 0, self.flip and augment)
+        flip = self.flip if augment else "none"
+        return BatchTransform(self.mean, self.std, self.crop_padding if augment else 0, flip, self.crop_pad_mode)
 
     def image_transform(self, augment: bool) -> transforms.Compose:
         """The torchvision path's per-image transforms, equivalent to batch_transform."""
         steps: list = []
         if augment and self.crop_padding:
-            steps.append(transforms.RandomCrop(self.image_shape[1:], padding=self.crop_padding))
-        if augment and self.flip:
+            mode = {"zeros": "constant", "reflect": "reflect"}[self.crop_pad_mode]
+            steps.append(transforms.RandomCrop(self.image_shape[1:], padding=self.crop_padding, padding_mode=mode))
+        if augment and self.flip == "random":  # alternating is refused on this path (check_augmentation)
             steps.append(transforms.RandomHorizontalFlip())
         steps += [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
         return transforms.Compose(steps)

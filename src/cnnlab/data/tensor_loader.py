@@ -1,8 +1,8 @@
 """A loader for datasets held whole in memory (on the GPU when training there) as one uint8 tensor.
 
-Batches are formed by indexing a seeded permutation; normalization, random crop and flip run on the whole batch on
-the device. This removes the per-image Python work (PIL conversion, per-sample transforms, collation) that makes up
-most of an epoch of a small network on the usual Dataset/DataLoader path.
+Batches are formed by indexing a seeded permutation; normalization, random crop (translation) and flip run on the
+whole batch on the device. This removes the per-image Python work (PIL conversion, per-sample transforms, collation)
+that makes up most of an epoch of a small network on the usual Dataset/DataLoader path.
 """
 
 import math
@@ -13,6 +13,36 @@ import torch
 from torch import Tensor
 
 ORDER, AUGMENT = 0, 1  # the two random streams of an epoch: the data order and the augmentations
+FIRST_FLIPS = 2  # the stream of the run's one draw of which images alternating flip mirrors in even epochs
+FLIPS = ("none", "random", "alternating")
+PAD_MODES = ("zeros", "reflect")
+
+
+def flip_mode(flip: bool | str | None) -> str:
+    """The flip mode a data config's `flip` names: true (configs before the modes existed) is random, false none."""
+    if flip is True:
+        return "random"
+    if flip is False or flip is None:
+        return "none"
+    return str(flip)
+
+
+def first_epoch_flips(seed: int, n: int, device: torch.device | str = "cpu") -> Tensor:
+    """Which of a split's n images alternating flip mirrors in even epochs (a fair coin each, drawn once from seed);
+    odd epochs mirror the others.
+
+    airbench94 (Keller Jordan, cifar10-airbench) mirrors each image in every other epoch instead of in a random half
+    of them: over any two epochs every image is seen both ways. The coin is per dataset index, not per batch
+    position, so DDP ranks and a resumed run agree on it.
+    """
+    generator = torch.Generator().manual_seed(stream_seed(seed, 0, FIRST_FLIPS))
+    return (torch.rand(n, generator=generator) < 0.5).to(device)
+
+
+def reflect_indices(size: int, padding: int, device: torch.device) -> Tensor:
+    """Source positions along one axis of a reflect-padded axis: -1 -> 1, size -> size - 2, as numpy's 'reflect'."""
+    positions = torch.arange(-padding, size + padding, device=device).abs()
+    return torch.where(positions > size - 1, 2 * (size - 1) - positions, positions)
 
 
 def stream_seed(seed: int, epoch: int, stream: int, rank: int = 0) -> int:
@@ -64,15 +94,28 @@ class EpochSampler:
 
 
 class BatchTransform:
-    """uint8 batch -> normalized float batch, with optional random crop (zero padding) and horizontal flip.
+    """uint8 batch -> normalized float batch, with optional random crop (zero or reflect padding) and horizontal flip.
 
-    Matches torchvision's RandomCrop(size, padding) + RandomHorizontalFlip + ToTensor + Normalize per image.
+    Matches torchvision's RandomCrop(size, padding, padding_mode) + RandomHorizontalFlip + ToTensor + Normalize per
+    image. flip: "none", "random" (each image with probability 1/2) or "alternating" (the caller says which images,
+    see first_epoch_flips); true and false stand for random and none.
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], crop_padding: int = 0, flip: bool = False) -> None:
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        crop_padding: int = 0,
+        flip: bool | str = False,
+        crop_pad_mode: str = "zeros",
+    ) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
-        self.crop_padding, self.flip = crop_padding, flip
+        self.crop_padding, self.flip, self.crop_pad_mode = crop_padding, flip_mode(flip), crop_pad_mode
+        if self.flip not in FLIPS or crop_pad_mode not in PAD_MODES:
+            raise ValueError(
+                f"flip must be one of {FLIPS} and crop_pad_mode one of {PAD_MODES}; got {flip!r}, {crop_pad_mode!r}."
+            )
 
     def to(self, device: torch.device | str) -> "BatchTransform":
         """Keep the normalization constants on device (in place; returns self).
@@ -84,22 +127,30 @@ class BatchTransform:
 
     @property
     def augments(self) -> bool:
-        return self.crop_padding > 0 or self.flip
+        return self.crop_padding > 0 or self.flip != "none"
 
-    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None, flips: Tensor | None = None) -> Tensor:
+        """Augment and normalize x; flips (B bools) says which images to mirror under alternating flip."""
         b, _, h, w = x.shape
         if self.crop_padding:
             p = self.crop_padding
-            padded = torch.nn.functional.pad(x, (p, p, p, p))  # (B, C, H, W) -> (B, C, H+2p, W+2p)
+            if self.crop_pad_mode == "reflect":  # the border mirrored, the border pixel itself not repeated
+                padded = x[:, :, reflect_indices(h, p, x.device)][:, :, :, reflect_indices(w, p, x.device)]
+            else:
+                padded = torch.nn.functional.pad(x, (p, p, p, p))  # (B, C, H, W) -> (B, C, H+2p, W+2p)
             dy = torch.randint(0, 2 * p + 1, (b, 1, 1, 1), device=x.device, generator=generator)
             dx = torch.randint(0, 2 * p + 1, (b, 1, 1, 1), device=x.device, generator=generator)
             rows = dy + torch.arange(h, device=x.device).view(1, 1, h, 1)  # (B, 1, H, 1)
             cols = dx + torch.arange(w, device=x.device).view(1, 1, 1, w)  # (B, 1, 1, W)
             x = padded.gather(2, rows.expand(b, x.shape[1], h, w + 2 * p))  # -> (B, C, H, W+2p)
             x = x.gather(3, cols.expand(b, x.shape[1], h, w))  # -> (B, C, H, W)
-        if self.flip:
+        if self.flip == "random":
             flip = torch.rand((b, 1, 1, 1), device=x.device, generator=generator) < 0.5
             x = torch.where(flip, x.flip(3), x)
+        elif self.flip == "alternating":
+            if flips is None:
+                raise ValueError("flip='alternating' needs the images' flips (first_epoch_flips); none were given.")
+            x = torch.where(flips.view(b, 1, 1, 1), x.flip(3), x)
         if self.mean.device != x.device:  # a transform built apart from a loader: moved on its first batch, then kept
             self.to(x.device)
         return (x.float() - self.mean) / self.std
@@ -131,6 +182,7 @@ class TensorLoader:
         self.drop_last = drop_last
         self.served = 0  # batches handed out so far in the current pass
         self.resume_at: tuple[int, int] | None = None  # (epoch, batches already seen) from a checkpoint
+        self.first_flips: Tensor | None = None  # alternating flip's coin per image, drawn on first use
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.sampler.epoch, "served": self.served}
@@ -160,9 +212,18 @@ class TensorLoader:
         self.resume_at = None
         if generator is not None:  # replay the skipped batches' random crops and flips, so later batches match
             for i in range(skip):
-                self.transform(self.images[order[i * self.batch_size : (i + 1) * self.batch_size]], generator)
+                idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+                self.transform(self.images[idx], generator, self.flips(idx))
         self.served = skip
         for i in range(skip, len(self)):
             self.served = i + 1
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self.transform(self.images[idx], generator), self.labels[idx]
+            yield self.transform(self.images[idx], generator, self.flips(idx)), self.labels[idx]
+
+    def flips(self, indices: Tensor) -> Tensor | None:
+        """Which images at indices alternating flip mirrors this epoch; None under the other flip modes."""
+        if self.transform.flip != "alternating":
+            return None
+        if self.first_flips is None:  # drawn once, on the images' device: no host-to-device copy per batch
+            self.first_flips = first_epoch_flips(self.sampler.seed, len(self.images), self.images.device)
+        return self.first_flips[indices] ^ bool(self.sampler.epoch % 2)
