@@ -223,6 +223,41 @@ def test_every_shipped_experiment_trains_as_shipped_on_cpu(full_split_data, tmp_
     assert not torch.equal(last["state_dict"]["model.fc.weight"], sixth["model.fc.weight"])
 
 
+class CountValidationSteps(Callback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_validation_batch_end(self, *args) -> None:
+        self.steps += 1
+
+
+def test_the_record_recipe_trains_as_shipped_on_real_images_without_a_validation_split(real_small, tmp_path):
+    """experiment=cifar10_record as shipped (only the batch shortened to fit 600 images): all training images, no
+    validation step, last.ckpt at the end, the test stage on the final weights, whitening from the real images."""
+    from hydra.utils import instantiate
+
+    from cnnlab.classifier import build_model
+
+    cfg = compose_config(
+        ["experiment=cifar10_record", "trainer=cpu", f"data.data_dir={real_small}", "data.batch_size=64",
+         "trainer.max_epochs=3"],
+        tmp_path,
+    )  # fmt: skip
+    validation = CountValidationSteps()
+    metrics = train(cfg, extra_callbacks=[validation])
+    assert metrics["status"] == "finished" and metrics["global_step"] == 3 * 10  # 600 images in batches of 64
+    assert validation.steps == 0 and metrics["val_acc_best"] is None and metrics["best_checkpoint"] is None
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert metrics["test_acc"] > 0.2  # 10 classes; three short epochs on 600 images already learn something
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    images = datamodule.batch_transform(augment=False)(datamodule.splits["train"][0])
+    expected = build_model(OmegaConf.to_container(cfg.model, resolve=True))
+    expected.init_whitening(images, eps=cfg.callbacks.whitening.eps)
+    assert torch.allclose(last["state_dict"]["model.whiten.weight"], expected.whiten.weight, atol=1e-5)
+
+
 def test_progress_bar_reads_metrics_only_every_refresh_rate_steps(tiny_data, tmp_path, monkeypatch):
     from cnnlab.progress import SparseRichProgressBar
 

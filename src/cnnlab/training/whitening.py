@@ -1,6 +1,7 @@
 """Patch whitening of a model's first layer from the training images, set once when a run starts."""
 
 import lightning as L
+from lightning.pytorch.callbacks import WeightAveraging
 
 from cnnlab.errors import UserError
 
@@ -39,6 +40,13 @@ class PatchWhitening(L.Callback):
         images, _ = datamodule.splits["train"]
         normalized = datamodule.batch_transform(augment=False)(images[: self.num_images])
         pl_module.model.init_whitening(normalized.to(pl_module.device), self.eps)
+        # Lightning's WeightAveraging (EMA, Lookahead) copied the model in its setup, before this hook: its average
+        # would keep mixing in the random filters the whitening replaced. It gets the same filters (there is no
+        # public accessor of the average; tests/test_train.py checks the filters of a Lookahead run's checkpoint).
+        for callback in trainer.callbacks:
+            average = getattr(callback, "_average_model", None) if isinstance(callback, WeightAveraging) else None
+            if average is not None:
+                average.module.model.whiten.weight.data.copy_(pl_module.model.whiten.weight.data)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.model.whiten.bias.requires_grad_(trainer.current_epoch < self.bias_epochs)
