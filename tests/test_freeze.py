@@ -114,3 +114,29 @@ def test_backbone_lr_scale_scales_the_carried_weights_rate_under_every_scheduler
         backbone, head = step["lrs"]
         assert backbone == pytest.approx(0.1 * head, rel=1e-9), step
     assert steps[0]["lrs"][1] == pytest.approx({"onecycle": 0.05 / 25, "cosine": 0.05, "none": 0.05}[scheduler])
+
+
+def test_frozen_batchnorm_layers_that_sync_batchnorm_replaced_are_frozen_at_the_next_epoch(mnist_run):
+    from lightning.pytorch.plugins import TorchSyncBatchNorm
+    from torch import nn
+
+    from cnnlab.classifier import ImageClassifier
+    from cnnlab.finetune import FreezeModules
+
+    # A DDP run refuses SyncBatchNorm on CPUs, so the replacement is made here as trainer.sync_batchnorm=true makes
+    # it, between the callback's setup (freeze_before_training) and the first training epoch.
+    ckpt = torch.load(mnist_run, map_location="cpu", weights_only=True)
+    classifier = ImageClassifier(**ckpt["hyper_parameters"])
+    classifier.load_state_dict(ckpt["state_dict"])
+    freeze = FreezeModules(["conv1", "bn1"])
+    freeze.freeze_before_training(classifier)
+    classifier = TorchSyncBatchNorm().apply(classifier)
+    classifier.train()
+    freeze.finetune_function(classifier, 0, torch.optim.SGD(classifier.parameters(), lr=0.1))
+    bn1 = classifier.model.bn1
+    assert isinstance(bn1, nn.SyncBatchNorm) and not bn1.training and classifier.model.bn2.training
+    assert not any(p.requires_grad for p in [*bn1.parameters(), *classifier.model.conv1.parameters()])
+    classifier(torch.randn(8, 1, 28, 28))  # a training step's forward (one process: no statistics to gather)
+    tuned, source = classifier.model.state_dict(), model_weights(mnist_run)
+    for name in BN1:
+        assert torch.equal(tuned[name], source[name]), name

@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.optim import Optimizer
@@ -228,9 +229,10 @@ class ImageClassifier(L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         # The frozen layers follow this run's own record (a resumed run's comes from its checkpoint); they are frozen
-        # before configure_optimizers, which leaves them out.
+        # before configure_optimizers, which leaves them out. Fitting only: the test stage would find the one attached
+        # for fitting and say it replaced it.
         freeze = (self.hparams.get("finetune") or {}).get("freeze")
-        if not freeze:
+        if not freeze or self.trainer.state.fn != TrainerFn.FITTING:
             return []
         from cnnlab.finetune import FreezeModules
 
