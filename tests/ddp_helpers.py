@@ -82,3 +82,29 @@ class AllocatorProbe(L.Callback):
         x = torch.ones(20 * 2**20, dtype=torch.uint8)
         del x
         self.output.write_text(str(libc.mallinfo2().fordblks))
+
+
+class TrainingStateProbe(L.Callback):
+    """Writes `<output>/rank<r>.json` for each process: at every training step, whether the module named `module`
+    (of the classifier's model) was in training mode and each optimizer group's rate and size; at the end of training,
+    that module's state_dict (weights, running statistics) as this process holds it."""
+
+    def __init__(self, output: str, module: str | None = None) -> None:
+        self.output, self.module, self.steps = Path(output), module, []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        groups = trainer.optimizers[0].param_groups
+        self.steps.append({
+            "step": trainer.global_step,
+            "training": pl_module.model.get_submodule(self.module).training if self.module else None,
+            "lrs": [group["lr"] for group in groups],
+            "sizes": [len(group["params"]) for group in groups],
+        })  # fmt: skip
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import json
+
+        buffers = pl_module.model.get_submodule(self.module).state_dict() if self.module else {}
+        record = {"steps": self.steps, "buffers": {k: v.tolist() for k, v in buffers.items()}}
+        self.output.mkdir(parents=True, exist_ok=True)
+        (self.output / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.optim import Optimizer
@@ -23,7 +24,6 @@ from cnnlab.training.param_groups import make_optimizer
 from cnnlab.tta import tta_logits
 
 MIN_SCHEDULE_STEPS = 16
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # layers with running statistics
 
 
 def build_model(model: dict[str, Any]) -> nn.Module:
@@ -126,9 +126,10 @@ class ImageClassifier(L.LightningModule):
         channels_last: run the model and its inputs in channels-last memory format (faster convolutions).
         tta: test-time augmentation level of evaluation (cnnlab.tta): none, flip (each image and its mirror image,
             logits averaged; for flip-invariant data) or flip_translate (six views).
-        finetune: for a run started from another run's weights (cnnlab.finetune): `freeze`, module name prefixes
-            whose parameters and BatchNorm statistics stay fixed; `backbone_lr_scale`, the learning-rate factor of
-            the carried-over weights; `fresh`, the names of the freshly initialized ones (filled in by train()).
+        finetune: for a run started from another run's weights (cnnlab.finetune): `freeze`, the names of modules
+            whose parameters and BatchNorm statistics stay fixed while fitting (cnnlab.finetune.FreezeModules);
+            `backbone_lr_scale`, the learning-rate factor of the carried-over weights; `fresh`, the names of the
+            freshly initialized ones (filled in by train()).
     """
 
     def __init__(
@@ -145,14 +146,6 @@ class ImageClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = build_model(model)
-        self.frozen_norms: list[nn.Module] = []
-        if finetune and finetune.get("freeze"):
-            from cnnlab.finetune import frozen_modules
-
-            frozen = frozen_modules(self.model, finetune["freeze"])
-            for module in frozen:
-                module.requires_grad_(False)
-            self.frozen_norms = [m for m in frozen if isinstance(m, NORMS)]
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -232,11 +225,16 @@ class ImageClassifier(L.LightningModule):
         # What the test stage ran under, so that eval (precision=auto) scores the checkpoint the same way.
         checkpoint["precision"] = str(self.trainer.precision)
 
-    def train(self, mode: bool = True) -> "ImageClassifier":
-        super().train(mode)
-        for norm in self.frozen_norms:  # frozen layers keep their BatchNorm statistics too
-            norm.eval()
-        return self
+    def configure_callbacks(self) -> list[L.Callback]:
+        # The frozen layers follow this run's own record (a resumed run's comes from its checkpoint); they are frozen
+        # before configure_optimizers, which leaves them out. Fitting only: the test stage would find the one attached
+        # for fitting and say it replaced it.
+        freeze = (self.hparams.get("finetune") or {}).get("freeze")
+        if not freeze or self.trainer.state.fn != TrainerFn.FITTING:
+            return []
+        from cnnlab.finetune import FreezeModules
+
+        return [FreezeModules(freeze)]
 
     def parameter_groups(self) -> list[Tensor] | list[dict[str, Any]]:
         """The trainable parameters; under fine-tuning with backbone_lr_scale, the carried-over ones in a group of

@@ -1,4 +1,4 @@
-"""Starting a new run from another run's weights: `init_from=<checkpoint>` (fine-tuning), `freeze=[...]`.
+"""Starting a new run from another run's weights: `init_from=<checkpoint>` (fine-tuning); `freeze=[...]`.
 
 A run starts in one of three ways: from scratch; `resume=<run dir>` / `ckpt_path=` (the same run continued: weights,
 optimizer, schedule, step and data order); or `init_from=<checkpoint>` (the weights only, into a new run whose own
@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim import Optimizer
 
 from cnnlab.checkpoints import load_checkpoint
 from cnnlab.errors import UserError
@@ -81,14 +85,41 @@ def transfer_weights(model: nn.Module, ckpt: dict[str, Any], source: str) -> Wei
     return transfer
 
 
-def frozen_modules(model: nn.Module, prefixes: list[str]) -> list[nn.Module]:
-    """The modules named by freeze prefixes (`conv1`, `layer1`, `layer2.0`): each and everything below it."""
-    names = dict(model.named_modules())
-    unknown = [p for p in prefixes if p not in names or p == ""]
+def frozen_modules(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    """The modules named by freeze (`conv1`, `layer1`, `layer2.0`: whole module names, so `fc` is not `fc1`)."""
+    modules = dict(model.named_modules())
+    unknown = [name for name in names if name not in modules or name == ""]
     if unknown:
-        top = [n for n in names if n and "." not in n]
+        top = [n for n in modules if n and "." not in n]
         raise UserError(
-            f"freeze={list(prefixes)}: {unknown[0]!r} names no part of {type(model).__name__}. Give module names as "
+            f"freeze={list(names)}: {unknown[0]!r} names no part of {type(model).__name__}. Give module names as "
             f"in the checkpoint keys without 'model.', e.g. {', '.join(top[:8])}."
         )
-    return [module for name, module in names.items() if any(name == p or name.startswith(p + ".") for p in prefixes)]
+    return [modules[name] for name in names]
+
+
+class FreezeModules(BaseFinetuning):
+    """Keeps the classifier's modules named in `names` (and everything in them) fixed: weights and BatchNorm layers.
+
+    Lightning's BaseFinetuning.freeze(modules, train_bn=False) turns their parameters' gradients off before the
+    optimizer is built, and their BatchNorm layers' statistics updates off (track_running_stats=False). A BatchNorm
+    layer in training mode without statistics updates still normalizes with each batch's statistics, so this class
+    also puts the frozen BatchNorm layers in eval mode, where they normalize with their stored statistics. Both are
+    done again at every training epoch start, on the modules found by name in the model as it is then: Lightning
+    does not put the model back in training mode at each epoch start (evaluation restores every layer's own mode),
+    and under trainer.sync_batchnorm it replaces the BatchNorm layers after the classifier was built.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__()
+        self.names = list(names)
+
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        self.freeze(frozen_modules(pl_module.model, self.names), train_bn=False)
+
+    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
+        frozen = frozen_modules(pl_module.model, self.names)
+        self.freeze(frozen, train_bn=False)
+        for module in self.flatten_modules(frozen):
+            if isinstance(module, _BatchNorm):
+                module.eval()
