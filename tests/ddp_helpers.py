@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 
+from cnnlab.data.cifar import CIFAR100DataModule
 from cnnlab.data.mnist import MNISTDataModule
 
 
@@ -35,6 +36,35 @@ class CountingMNIST(MNISTDataModule):
             f.write(f"{os.environ.get('LOCAL_RANK', '0')}\n")
         time.sleep(1.0)  # long enough for a second process started at the same time to find the files missing too
         shutil.copytree(self.source / "MNIST", self.data_dir / "MNIST", dirs_exist_ok=True)
+
+
+class CountingCIFAR100(CIFAR100DataModule):
+    """CIFAR-100 whose "download" copies files from `source` and appends the process's rank to `log`. The copy waits
+    until every other process of the machine has reached discover(), which reads the class names from the downloaded
+    meta file (or 15 s): a process that would download as well finds the files still missing then, at any start-up
+    delay between the processes."""
+
+    def __init__(self, source: str, log: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.source, self.log = Path(source), Path(log)
+        self.rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    def marker(self, rank: int) -> Path:
+        return self.log.parent / f"discovering-{rank}"
+
+    def discover(self) -> dict:
+        self.marker(self.rank).touch()
+        return super().discover()
+
+    def fetch(self) -> None:
+        with self.log.open("a") as f:
+            f.write(f"{self.rank}\n")
+        others = [self.marker(r) for r in range(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if r != self.rank]
+        deadline = time.monotonic() + 15.0
+        while not all(p.exists() for p in others) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # from reaching discover() to looking for the files takes a process well under this
+        shutil.copytree(self.source / self.folder, self.batch_dir, dirs_exist_ok=True)
 
 
 class KillAtStep(L.Callback):

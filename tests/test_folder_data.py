@@ -108,11 +108,25 @@ def test_predict_uses_the_data_packages_conversion():
 
 
 # --- classes and splits --------------------------------------------------------------------------------------------
-def test_class_names_are_the_sorted_folder_names_and_labels_follow_them(tmp_path):
-    for value, name in ((10, "b"), (120, "a"), (240, "C")):
+class ReverseListing(list):
+    """os.scandir's entries in reverse name order, usable as scandir's iterator is (also in a `with`)."""
+
+    def __enter__(self):
+        return iter(self)
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def test_class_names_are_the_sorted_folder_names_and_labels_follow_them(tmp_path, monkeypatch):
+    for value, name in ((120, "a"), (240, "C"), (10, "b")):  # in creation order and reversed, not sorted
         (tmp_path / "train" / name).mkdir(parents=True)
         for i in range(3):
             Image.new("L", (8, 8), value).save(tmp_path / "train" / name / f"{i}.png")
+    # Folders listed in reverse name order, whatever this filesystem lists (tmpfs: newest first; ext4: by hash):
+    # sorted names can only come from the code's own sorting.
+    scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: ReverseListing(sorted(scandir(path), key=lambda e: e.name)[::-1]))
     dm = folder_module_for(tmp_path, image_shape=(1, 8, 8), val_size=0)
     facts = dm.discover()
     assert facts["class_names"] == ["C", "a", "b"] and facts["num_classes"] == 3
@@ -260,6 +274,21 @@ def test_the_cache_is_rebuilt_when_a_file_changes_and_per_image_shape(tmp_path, 
     assert dm.indexes["train"]["images"][row, :, 0, 0].tolist() == [1, 2, 3]
     folder_module_for(tmp_path, image_shape=(1, 28, 28)).setup()
     assert calls == [100, 100, 20] and len(cache_files(tmp_path)) == 4  # a cache per image_shape
+
+
+def test_a_file_rewritten_at_the_same_size_is_decoded_again_because_its_mtime_changed(tmp_path):
+    make_image_folder(tmp_path, n_train=60, n_test=0)
+    bmp = tmp_path / "train" / "ant" / "same-size.bmp"
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(bmp)
+    folder_module_for(tmp_path, val_size=10).setup()
+    size, mtime = bmp.stat().st_size, bmp.stat().st_mtime_ns
+    Image.new("RGB", (32, 32), (200, 100, 50)).save(bmp)  # an uncompressed BMP's size follows its dimensions only
+    os.utime(bmp, ns=(mtime, mtime + 10**9))  # as a later save leaves it, on filesystems with coarse timestamps too
+    assert bmp.stat().st_size == size
+    dm = folder_module_for(tmp_path, val_size=10)
+    dm.setup()
+    row = dm.indexes["train"]["files"].split("\n").index(bmp.relative_to(tmp_path).as_posix())
+    assert dm.indexes["train"]["images"][row, :, 0, 0].tolist() == [200, 100, 50]  # not the cached (10, 20, 30)
 
 
 def test_a_cache_that_fails_to_write_leaves_no_file_and_the_run_goes_on(tmp_path, monkeypatch, capsys):

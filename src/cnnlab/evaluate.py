@@ -7,7 +7,6 @@ leaves no partial report behind.
 """
 
 import csv
-import glob
 import io
 import re
 from dataclasses import dataclass
@@ -23,10 +22,12 @@ from torch import Tensor
 
 from cnnlab.atomic_files import write_text_atomic
 from cnnlab.checkpoints import classifier_from_checkpoint, data_config, file_sha256, load_checkpoint
+from cnnlab.data.prepare_once import prepare_once_per_machine
+from cnnlab.devices import pick_device
 from cnnlab.errors import UserError
+from cnnlab.path_patterns import expand_paths
 
 SPLITS = ("test", "val")
-GLOB_CHARS = set("*?[")
 
 
 @dataclass
@@ -42,27 +43,17 @@ class Evaluation:
 
 def resolve_checkpoints(spec: str | list[str]) -> list[Path]:
     """Checkpoint files from a path, a glob, a run or multirun directory (every checkpoints/best.ckpt below it)."""
-    entries = [spec] if isinstance(spec, str | Path) else list(spec)
-    found: list[Path] = []
-    for entry in entries:
-        entry = str(entry)
-        matches = sorted(glob.glob(entry, recursive=True)) if GLOB_CHARS & set(entry) else [entry]
-        if not matches:
+
+    def best_below(folder: Path) -> list[Path]:
+        below = sorted(folder.rglob("checkpoints/best.ckpt"))
+        if not below:
             raise UserError(
-                f"ckpt_path={entry} matches no file. Check the path or pattern (relative to where you run it)."
+                f"ckpt_path={folder} is a directory without any checkpoints/best.ckpt below it. Give a .ckpt "
+                "file, a run directory (outputs/train/<time>) or a multirun directory."
             )
-        for match in map(Path, matches):
-            if match.is_dir():
-                below = sorted(match.rglob("checkpoints/best.ckpt"))
-                if not below:
-                    raise UserError(
-                        f"ckpt_path={match} is a directory without any checkpoints/best.ckpt below it. Give a .ckpt "
-                        "file, a run directory (outputs/train/<time>) or a multirun directory."
-                    )
-                found += below
-            else:
-                found.append(match)
-    return list(dict.fromkeys(p.expanduser().resolve() for p in found))
+        return below
+
+    return list(dict.fromkeys(p.resolve() for p in expand_paths(spec, "ckpt_path", "Checkpoint", best_below)))
 
 
 def build_datamodule(ckpt: dict[str, Any], overrides: dict[str, Any], source: Path):
@@ -78,16 +69,8 @@ def build_datamodule(ckpt: dict[str, Any], overrides: dict[str, Any], source: Pa
                 f"{key}={stored[key]}. Evaluate it on data of that shape (drop the data.{key} override)."
             )
     datamodule = instantiate(config, _convert_="all")
-    datamodule.prepare_data()
+    prepare_once_per_machine(datamodule)
     return datamodule
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} was asked for, but no CUDA GPU is available; use device=cpu or device=auto.")
-    return torch.device(name)
 
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
@@ -158,13 +141,15 @@ def most_confident_errors(
     )
 
 
-def evaluate_checkpoint(path: Path, ckpt: dict[str, Any], datamodule, cfg: DictConfig) -> Evaluation:
-    """Score one checkpoint on cfg.split."""
+def evaluate_checkpoint(
+    path: Path, ckpt: dict[str, Any], datamodule, cfg: DictConfig, device: torch.device
+) -> Evaluation:
+    """Score one checkpoint on cfg.split, on device."""
     datamodule.setup("test")
     classifier = classifier_from_checkpoint(ckpt, str(path))
     loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
     precision = run_precision(ckpt, str(cfg.precision))
-    logits, labels = logits_and_labels(classifier, loader, pick_device(cfg.device), precision)
+    logits, labels = logits_and_labels(classifier, loader, device, precision)
     hparams = ckpt["hyper_parameters"]
     class_names = list(datamodule.class_names)
     metrics, confusion = score(logits, labels, class_names, cfg.split)
@@ -288,6 +273,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     spec = OmegaConf.to_container(cfg.ckpt_path) if OmegaConf.is_config(cfg.ckpt_path) else cfg.ckpt_path
     overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
     run_dir = Path(cfg.run_dir)
+    device = pick_device(cfg.device)
 
     # Every file is loaded and every data folder checked before any evaluation runs.
     paths = resolve_checkpoints(spec)
@@ -295,7 +281,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for path in paths:
         ckpt = load_checkpoint(path)
         prepared.append((path, ckpt, build_datamodule(ckpt, overrides, path)))
-    results = [evaluate_checkpoint(path, ckpt, datamodule, cfg) for path, ckpt, datamodule in prepared]
+    results = [evaluate_checkpoint(path, ckpt, datamodule, cfg, device) for path, ckpt, datamodule in prepared]
 
     rows = comparison_rows(results)
     if len(results) == 1:

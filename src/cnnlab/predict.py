@@ -10,7 +10,6 @@ and the CSV are written only once every file has decoded, so a bad file leaves n
 
 import contextlib
 import csv
-import glob
 import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,33 +29,24 @@ from cnnlab.checkpoints import classifier_from_checkpoint, data_config, load_che
 from cnnlab.data.datamodule import ImageDataModule
 from cnnlab.data.images import IMAGE_SUFFIXES, load_image
 from cnnlab.data.tensor_loader import BatchTransform
+from cnnlab.devices import parse_device, pick_device
 from cnnlab.errors import UserError
 from cnnlab.export import SUFFIXES
+from cnnlab.path_patterns import expand_paths
 
-GLOB_CHARS = set("*?[")
-DEVICES = ("auto", "cpu", "cuda")
 PROGRESS_MIN_BATCHES = 5  # fewer batches finish before a bar would say anything
 
 
 def resolve_inputs(spec: str | list[str]) -> list[Path]:
     """Image files from a file, a directory (its .png/.jpg/.jpeg files) or a glob, in sorted order."""
-    entries = [spec] if isinstance(spec, str | Path) else list(spec)
-    found: list[Path] = []
-    for entry in map(str, entries):
-        matches = sorted(glob.glob(entry, recursive=True)) if GLOB_CHARS & set(entry) else [entry]
-        if not matches:
-            raise UserError(f"inputs={entry} matches no file. Check the pattern (relative paths start where you run).")
-        for match in map(Path, matches):
-            if match.is_dir():
-                images = sorted(p for p in match.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-                if not images:
-                    raise UserError(f"inputs={match} is a directory without image files ({', '.join(IMAGE_SUFFIXES)}).")
-                found += images
-            elif not match.is_file():
-                raise UserError(f"Image {match} does not exist. Check the path given as inputs=.")
-            else:
-                found.append(match)
-    return list(dict.fromkeys(found))
+
+    def images_in(folder: Path) -> list[Path]:
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not images:
+            raise UserError(f"inputs={folder} is a directory without image files ({', '.join(IMAGE_SUFFIXES)}).")
+        return images
+
+    return expand_paths(spec, "inputs", "Image", images_in)
 
 
 @dataclass
@@ -80,8 +70,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if int(cfg.batch_size) < 1:
         raise UserError(f"batch_size={cfg.batch_size} must be at least 1.")
     device = str(cfg.device)
-    if device not in DEVICES:
-        raise UserError(f"device={device!r} is not known; choose one of {', '.join(DEVICES)}.")
+    parse_device(device)  # a mistyped device stops here, before any file is read
     if str(cfg.ckpt_path).endswith(SUFFIXES["torchscript"]):
         raise UserError(
             f"ckpt_path={cfg.ckpt_path} is a TorchScript export, which predict does not run (it is for torch.jit.load "
@@ -120,23 +109,13 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     return {"predictions": rows, "output": str(cfg.output) if cfg.output else None, "runs_on": predictor.runs_on}
 
 
-def torch_device(device: str) -> torch.device:
-    """The torch device for device=auto|cpu|cuda: the GPU when there is one, unless cpu is asked."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            "device=cuda, but PyTorch sees no CUDA GPU here (torch.cuda.is_available() is False). Use device=auto "
-            "(the GPU when there is one) or device=cpu."
-        )
-    return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-
-
 def checkpoint_predictor(ckpt_path: str, device: str) -> Predictor:
     """A checkpoint's classifier on the device, through its evaluation path (predict_logits)."""
     from hydra.utils import instantiate
 
     ckpt = load_checkpoint(ckpt_path)
     datamodule = instantiate(data_config(ckpt), _convert_="all")  # only its settings and transforms are used
-    where = torch_device(device)
+    where = pick_device(device)
     classifier = classifier_from_checkpoint(ckpt, str(ckpt_path)).to(where)
     return Predictor(
         image_shape=datamodule.image_shape,
@@ -173,9 +152,10 @@ def onnx_predictor(onnx_path: str, device: str) -> Predictor:
             f"{path} cannot be loaded by onnxruntime ({type(err).__name__}: {str(err).splitlines()[0][:200]}). It "
             "is truncated or not an ONNX model; export the checkpoint again with scripts/export.py format=onnx."
         ) from None
-    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+    asked = parse_device(device)
+    if asked is not None and asked.type == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         raise UserError(
-            f"device=cuda, but onnxruntime could not run {path} on a GPU (it fell back to "
+            f"device={device}, but onnxruntime could not run {path} on a GPU (it fell back to "
             f"{', '.join(session.get_providers())}): no CUDA GPU is visible, or the CUDA libraries onnxruntime-gpu "
             "needs are missing. Use device=auto or device=cpu."
         )
@@ -210,17 +190,26 @@ def onnx_predictor(onnx_path: str, device: str) -> Predictor:
     )
 
 
-def onnx_providers(device: str, onnxruntime: Any) -> list[str]:
-    """onnxruntime's execution providers for device=auto|cpu|cuda: CUDA first when asked for (or auto) and present."""
+def onnx_providers(device: str, onnxruntime: Any) -> list[str | tuple[str, dict[str, int]]]:
+    """onnxruntime's execution providers for device=: CUDA first (on the GPU asked for) for cuda[:<index>], and for
+    auto when onnxruntime has it; otherwise the CPU's."""
+    asked = parse_device(device)
     available = onnxruntime.get_available_providers()
-    if device == "cuda" and "CUDAExecutionProvider" not in available:
+    if asked is not None and asked.type == "mps":
         raise UserError(
-            f"device=cuda, but the installed onnxruntime has no CUDA execution provider (it has "
+            f"device={device}, but onnxruntime runs an ONNX file on the CPU or a CUDA GPU only. Use device=cpu, or "
+            "give the checkpoint the file was exported from, which runs on mps."
+        )
+    wants_cuda = asked is not None and asked.type == "cuda"
+    if wants_cuda and "CUDAExecutionProvider" not in available:
+        raise UserError(
+            f"device={device}, but the installed onnxruntime has no CUDA execution provider (it has "
             f"{', '.join(available)}). Install onnxruntime-gpu in place of onnxruntime, or use device=auto or "
             "device=cpu."
         )
-    if device != "cpu" and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if wants_cuda or (asked is None and "CUDAExecutionProvider" in available):
+        index = asked.index if wants_cuda and asked.index is not None else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 

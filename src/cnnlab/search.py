@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from rich.console import Console
 from rich.table import Table
 
+from cnnlab.data.prepare_once import prepare_once_per_machine
 from cnnlab.errors import UserError
 from cnnlab.run_record import write_json
 from cnnlab.sweep import is_distributed, record_failure
@@ -166,7 +167,7 @@ def search(cfg: DictConfig) -> dict[str, Any]:
             "trainer (trainer=ddp, several devices or nodes). Search with one device per trial."
         )
     search_dir = Path(cfg.run_dir)
-    instantiate(cfg.data).prepare_data()  # missing data stops the search now, not in every trial
+    prepare_once_per_machine(instantiate(cfg.data))  # missing data stops the search now, not in every trial
     study = open_study(cfg, search_dir)
     overrides, space_cfg = study.user_attrs["overrides"], study.user_attrs["search_space"]
     console = Console()

@@ -14,6 +14,7 @@ from rich.console import Console
 from cnnlab.checkpoint_io import DiskFull
 from cnnlab.classifier import ImageClassifier
 from cnnlab.console import RunHeader, parameter_count, print_summary
+from cnnlab.data.prepare_once import prepare_once_per_machine
 from cnnlab.resume import load_resume_checkpoint
 from cnnlab.run_record import early_stopping_record, environment, hparams_row, log_hparams, write_json
 from cnnlab.stopping import NonFiniteLoss, RunInterrupted
@@ -124,8 +125,11 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     trainer = build_trainer(cfg, extra_callbacks, resume_step)
-    if trainer.local_rank == 0:  # once per machine: Lightning holds the other processes back until it is done
-        datamodule.prepare_data()  # missing files are reported before the model is built or anything is written
+    # Missing files are reported (or downloaded) before the model is built or anything is written. The machine's
+    # first process prepares, as Lightning's prepare_data_per_node does; the others wait at fit()'s barrier, or at
+    # the lock inside if discover() needs the files sooner (CIFAR-100's class names).
+    if trainer.local_rank == 0:
+        prepare_once_per_machine(datamodule)
     # What the data finds in its files (a folder's classes, mean and std) goes into cfg.data before the model is
     # built and checked against it, so that the checkpoint stores it; {} for MNIST, CIFAR-10 and a resumed run.
     with open_dict(cfg):

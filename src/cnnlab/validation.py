@@ -1,7 +1,6 @@
 """Checks of a composed config before any work starts: each mistake becomes one UserError paragraph naming the key."""
 
 import importlib.util
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from cnnlab.errors import UserError
 from cnnlab.resume import check_checkpoint_fits
 from cnnlab.tta import TTA_LEVELS
+from cnnlab.writable_folders import writable_folder
 
 
 def _plain(node: Any) -> Any:
@@ -21,20 +21,6 @@ def _plain(node: Any) -> Any:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def _writable(path: Path) -> bool:
-    """Whether path can be created or written: the nearest existing folder on its way must be writable."""
-    path = path.expanduser().resolve()
-    while not path.exists():
-        path = path.parent
-    if not path.is_dir():
-        return False
-    try:  # a real write: permission bits say nothing for root, or for read-only and special filesystems
-        with tempfile.TemporaryFile(dir=path):
-            return True
-    except OSError:
-        return False
 
 
 def check_numbers(cfg: DictConfig) -> None:
@@ -111,16 +97,16 @@ def check_model_fits_data(cfg: DictConfig) -> None:
 
 def check_paths(cfg: DictConfig) -> None:
     output = Path(cfg.paths.output_dir)
-    if not _writable(output):
+    if not writable_folder(output):
         raise UserError(f"paths.output_dir={output} cannot be written (no permission). Point it at a writable folder.")
     data_dir = Path(cfg.data.data_dir).expanduser()
-    if cfg.data.get("download") and not data_dir.is_dir() and not _writable(data_dir):
+    if cfg.data.get("download") and not data_dir.is_dir() and not writable_folder(data_dir):
         raise UserError(
             f"data.data_dir={data_dir} does not exist and cannot be created to download into (no permission). "
             "Point data.data_dir at a folder holding the dataset, or at a writable one."
         )
     run_dir = Path(cfg.run_dir)
-    if not _writable(run_dir):
+    if not writable_folder(run_dir):
         raise UserError(f"The run folder {run_dir} cannot be written (no permission). Set hydra.run.dir elsewhere.")
 
 
@@ -129,7 +115,7 @@ def check_output_arguments(args: list[str]) -> None:
     values = {a.split("=", 1)[0].lstrip("+"): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
     for key in ("hydra.run.dir", "paths.output_dir"):
         folder = values.get(key, "outputs" if key == "paths.output_dir" else None)
-        if folder and not _writable(Path(folder)):
+        if folder and not writable_folder(Path(folder)):
             raise UserError(f"{key}={folder} cannot be written (no permission). Point it at a writable folder.")
 
 

@@ -7,6 +7,7 @@ import numpy as np
 
 from cnnlab.data.datamodule import ImageDataModule
 from cnnlab.data.formats import read_cifar_batch, read_cifar_pickle
+from cnnlab.data.prepare_once import prepare_once_per_machine
 from cnnlab.errors import UserError
 
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -67,7 +68,7 @@ class CIFAR100DataModule(ImageDataModule):
         """The label kind's class names (from the meta file) and their number, where the config left them null."""
         facts: dict[str, Any] = {}
         if self.class_names is None:
-            self.prepare_data()
+            prepare_once_per_machine(self)  # every process of a run reads the meta file; one downloads it
             meta_path = self.batch_dir / "meta"
             names = read_cifar_pickle(meta_path).get(f"{self.label_kind}_label_names")
             if not isinstance(names, list) or not names:

@@ -12,7 +12,6 @@ import hashlib
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -28,6 +27,7 @@ from cnnlab.atomic_files import atomic_path
 from cnnlab.data.datamodule import ImageDataModule
 from cnnlab.data.images import IMAGE_SUFFIXES, ImageDecodeError, load_image
 from cnnlab.errors import UserError
+from cnnlab.writable_folders import writable_folder
 
 SPLIT_FOLDERS = ("train", "val", "test")
 CACHE_VERSION = 1  # raise when the cache's content or the conversion rule changes: old caches are then rebuilt
@@ -51,16 +51,6 @@ def physical_memory() -> int | None:
 def default_workers() -> int:
     """The CPU cores this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def writable_folder(path: Path) -> bool:
-    """Whether path can be created and written, tried with a real file (permission bits say nothing for root)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            return True
-    except OSError:
-        return False
 
 
 def list_split(split_dir: Path, root: Path) -> tuple[list[str], list[tuple[str, int, int, int]], int]:

@@ -1,0 +1,114 @@
+"""One helper per job: the device picker, the file-pattern resolver, the writable-folder check and preparing data
+once per machine, each shared by every command that needs it; and the assertions that pin the data cache's key, the
+class-folder order and the NaN check's device decision."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from cnnlab.errors import UserError
+from cnnlab.evaluate import evaluate, resolve_checkpoints
+from cnnlab.predict import predict, resolve_inputs
+from cnnlab.writable_folders import writable_folder
+from tests.conftest import DDP_ON_CPU, make_cifar100, quick_run
+from tests.launch import script_env, script_path
+from tests.test_evaluate import eval_config
+from tests.test_predict import predict_config
+
+
+def present(device: str) -> bool:
+    """Whether this machine has the device a device= string names (auto: always)."""
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        return torch.cuda.device_count() > int(index or 0)
+    return kind in ("cpu", "auto") or (kind == "mps" and torch.backends.mps.is_available())
+
+
+# --- one device picker ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:1", "mps", "gpu", "cuda:x"])
+def test_eval_and_predict_take_the_same_device_strings_and_refuse_a_missing_device_alike(trained_run, tmp_path, device):
+    best = trained_run[0] / "checkpoints" / "best.ckpt"
+    Image.new("L", (28, 28), 128).save(tmp_path / "digit.png")
+    commands = {
+        "eval": lambda: evaluate(eval_config(tmp_path / "eval", f"ckpt_path={best}", f"device={device}")),
+        "predict": lambda: predict(predict_config(f"ckpt_path={best}", f"inputs={tmp_path / 'digit.png'}",
+                                                  f"device={device}")),
+    }  # fmt: skip
+    outcomes = {}
+    for name, command in commands.items():
+        try:
+            command()
+            outcomes[name] = "ran"
+        except UserError as err:
+            outcomes[name] = str(err)
+    assert outcomes["eval"] == outcomes["predict"]
+    if device in ("gpu", "cuda:x"):
+        assert outcomes["eval"].startswith(f"device='{device}' is not known; choose auto")
+    else:
+        assert (outcomes["eval"] == "ran") == present(device), outcomes["eval"]
+        assert outcomes["eval"] == "ran" or outcomes["eval"].startswith(f"device={device}, but PyTorch sees")
+
+
+# --- one resolver of files, folders and glob patterns -------------------------------------------------------------
+def test_checkpoints_and_images_are_named_by_file_folder_pattern_or_home_relative_path_alike(
+    trained_run, tmp_path, monkeypatch
+):
+    run_dir = trained_run[0]
+    best = run_dir / "checkpoints" / "best.ckpt"
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("b.png", "a.png"):
+        Image.new("L", (28, 28)).save(images / name)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_inputs(["~/images/b.png", "~/images", "~/images/*.png"]) == [images / "b.png", images / "a.png"]
+    monkeypatch.setenv("HOME", str(run_dir.parent))
+    home_relative = f"~/{run_dir.name}"
+    assert resolve_checkpoints([f"{home_relative}/checkpoints/best.ckpt", home_relative]) == [best]
+    for resolve, key, what in ((resolve_inputs, "inputs", "Image"), (resolve_checkpoints, "ckpt_path", "Checkpoint")):
+        missing = f"{what} {tmp_path / 'gone'} does not exist. Check the path given as {key}="
+        with pytest.raises(UserError, match=re.escape(missing)):
+            resolve(str(tmp_path / "gone"))
+        with pytest.raises(UserError, match=re.escape(f"{key}={tmp_path / '*.none'} matches no file")):
+            resolve(str(tmp_path / "*.none"))
+
+
+# --- one writable-folder check -------------------------------------------------------------------------------------
+def test_a_folder_is_writable_where_it_or_the_nearest_folder_above_it_takes_a_file_and_asking_creates_nothing(
+    tmp_path,
+):
+    assert writable_folder(tmp_path / "new" / "deeper") and not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("")
+    assert not writable_folder(tmp_path / "file" / "below")  # a file in the way
+    assert not writable_folder(Path("/proc/cnnlab"))  # refused even to root, whose permission bits say yes
+
+
+# --- data prepared once per machine -------------------------------------------------------------------------------
+def test_cifar100_under_two_processes_downloads_once_though_every_process_reads_its_class_names(tmp_path):
+    # torchrun starts both processes at once; CIFAR-100's class names come from its meta file, which every process
+    # reads before the model is built, so every process needs the files before Lightning's own prepare_data barrier.
+    source, log = make_cifar100(tmp_path / "source"), tmp_path / "downloads.log"
+    args = ["data=cifar100", *DDP_ON_CPU, *quick_run(trainer=None), f"data.data_dir={tmp_path / 'empty'}",
+            "data.download=true", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            "data._target_=tests.ddp_helpers.CountingCIFAR100", f"+data.source={source}", f"+data.log={log}",
+            "hydra.run.dir=run", "test=false"]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run([*torchrun, script_path("train"), *args], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=240, env=script_env())  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(log.read_text().split()) == 1, log.read_text()
+
+
+# --- the NaN check's read decision ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("device", "free"), [("cpu", True), ("cuda", False), ("cuda:1", False), ("mps", False)])
+def test_the_nan_check_reads_the_loss_every_step_on_the_cpu_and_only_there(device, free):
+    # On an accelerator a read makes the host wait for the device; the tests of what the check then does replace
+    # this decision to run on the CPU, so the decision itself is pinned here.
+    from cnnlab.stopping import StopOnNonFiniteLoss
+
+    assert StopOnNonFiniteLoss.reads_are_free(torch.device(device)) is free
