@@ -231,7 +231,7 @@ class CountValidationSteps(Callback):
         self.steps += 1
 
 
-def test_the_record_recipe_trains_as_shipped_on_real_images_without_a_validation_split(real_small, tmp_path):
+def test_the_record_recipe_trains_as_shipped_on_real_images_without_a_validation_split(real_small, tmp_path, capsys):
     """experiment=cifar10_record as shipped (only the batch shortened to fit 600 images): all training images, no
     validation step, last.ckpt at the end, the test stage on the final weights, whitening from the real images."""
     from hydra.utils import instantiate
@@ -245,6 +245,8 @@ def test_the_record_recipe_trains_as_shipped_on_real_images_without_a_validation
     )  # fmt: skip
     validation = CountValidationSteps()
     metrics = train(cfg, extra_callbacks=[validation])
+    shown = capsys.readouterr().out
+    assert f"python scripts/eval.py ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}" in shown
     assert metrics["status"] == "finished" and metrics["global_step"] == 3 * 10  # 600 images in batches of 64
     assert validation.steps == 0 and metrics["val_acc_best"] is None and metrics["best_checkpoint"] is None
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
@@ -329,3 +331,37 @@ def test_the_train_command_keeps_freed_memory_but_train_as_a_library_call_leaves
     subprocess.run([sys.executable, "-c", library_call, *args, str(tmp_path / "lib")], cwd=tmp_path,
                    env=script_env(), check=True, capture_output=True, timeout=300)  # fmt: skip
     assert int(out.read_text()) < 10 * 2**20
+
+
+class AdvanceClock(Callback):
+    """Moves a fake clock on by fixed amounts: 1 s per training step, 100 s per validation batch, 1000 s per test
+    batch, 10,000 s at each epoch's end after validation (where best.ckpt and last.ckpt are written)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def on_train_batch_end(self, *args) -> None:
+        self.now += 1
+
+    def on_validation_batch_end(self, *args) -> None:
+        self.now += 100
+
+    def on_test_batch_end(self, *args) -> None:
+        self.now += 1000
+
+    def on_train_epoch_end(self, *args) -> None:
+        self.now += 10_000
+
+
+def test_train_seconds_counts_the_training_steps_alone(tiny_data, tmp_path, monkeypatch):
+    """metrics.json's train_seconds is the steps' time, as the speed records count it: validation, epoch-end
+    checkpoints and the test stage are left out; wall_seconds runs from the process start to the test score."""
+    clock = AdvanceClock()
+    monkeypatch.setattr("cnnlab.training.step_clock.clock", lambda: clock.now)
+    cfg = compose_config(quick_run(tiny_data, "trainer.max_epochs=2", "trainer.limit_train_batches=5"), tmp_path)
+    metrics = train(cfg, extra_callbacks=[clock])
+    assert metrics["global_step"] == 10 and clock.now > 20_000  # the other work moved the clock too
+    assert metrics["train_seconds"] == 10  # 1 s for each of the 10 steps, nothing else
+    assert metrics["train_images_per_second"] == 10 * 32 / 10
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["train_seconds"] == 10 and 0 < written["wall_seconds"] < 3600

@@ -6,7 +6,6 @@ each path is kept, which keeps a busy machine from favouring whichever path ran 
 """
 
 import copy
-import os
 import resource
 import time
 from pathlib import Path
@@ -20,23 +19,10 @@ from omegaconf import DictConfig, open_dict
 from cnnlab.classifier import build_model, make_scheduler
 from cnnlab.data.tensor_loader import BatchTransform
 from cnnlab.errors import UserError
-from cnnlab.run_record import environment, write_json
+from cnnlab.run_record import environment, process_start_time, write_json
 from cnnlab.train import build_classifier, build_datamodule, build_trainer, plain
 
 PATHS = ("lightning", "plain", "torchvision")
-
-
-def process_start_time() -> float:
-    """Wall-clock time at which this process started (Linux /proc; else the time this module was imported)."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return _IMPORTED_AT
-
-
-_IMPORTED_AT = time.time()
 
 
 def _sync(device: torch.device) -> None:

@@ -71,18 +71,22 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
         ("best val accuracy", percent(metrics.get("val_acc_best"))),
         ("epochs", str(metrics["epochs"]) + (" (stopped early)" if metrics.get("stopped_early") else "")),
         ("steps", f"{metrics['global_step']:,}"),
-        ("training time", f"{metrics['train_seconds']:.1f} s"),
+        ("training time", f"{metrics['train_seconds']:.1f} s (steps only)"),
+        ("wall time", f"{metrics['wall_seconds']:.1f} s (from process start)" if "wall_seconds" in metrics else "-"),
         ("throughput", f"{metrics['train_images_per_second']:,.0f} images/s"),
     ]
     return rows
 
 
 def next_commands(run_dir: Path, best_checkpoint: str | None) -> list[str]:
-    """What a person does next with this run."""
+    """What a person does next with this run: eval and predict on best.ckpt, or on last.ckpt (the final weights)
+    when no checkpoint was chosen by validation (data.val_size=0)."""
     commands = [f"tensorboard --logdir {run_dir / 'tensorboard'}"]
-    if best_checkpoint:
-        commands.append(f"python scripts/eval.py ckpt_path={best_checkpoint}")
-        commands.append(f"python scripts/predict.py ckpt_path={best_checkpoint} inputs=<image file or folder>")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    scored = best_checkpoint or (str(last) if last.is_file() else None)
+    if scored:
+        commands.append(f"python scripts/eval.py ckpt_path={scored}")
+        commands.append(f"python scripts/predict.py ckpt_path={scored} inputs=<image file or folder>")
     commands.append(f"{resume_command(run_dir)} trainer.max_epochs=<more epochs>")
     return commands
 

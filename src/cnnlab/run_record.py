@@ -1,8 +1,10 @@
 """What a run directory records about itself: metrics.json and env.json."""
 
 import json
+import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ from omegaconf import DictConfig
 
 from cnnlab.atomic_files import write_text_atomic
 from cnnlab.console import short_name
+
+_IMPORTED_AT = time.time()  # process_start_time's answer where /proc cannot tell
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -116,3 +120,13 @@ def environment(seed: int, deterministic: bool | str | None, data_files: dict[st
         "data_files_sha256": data_files,
         **_git_state(),
     }
+
+
+def process_start_time() -> float:
+    """Wall-clock time at which this process started (Linux /proc; else the time this module was imported)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED_AT
