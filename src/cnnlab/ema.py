@@ -58,8 +58,8 @@ class EMA(WeightAveraging):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         # Replaces AveragedModel.update_parameters, which tests its device-side update count in Python twice per
         # update (each test makes the host wait for the GPU): the count lives on the host here.
-        if self.updates and trainer.global_step <= self.updated_at_step:
-            return  # no optimizer step since the last update (gradient accumulation)
+        if trainer.global_step <= self.updated_at_step:
+            return  # no optimizer step since the last update: before the first, or within an accumulation window
         if not self.should_update(step_idx=trainer.global_step - 1):
             return
         average = self._average_model

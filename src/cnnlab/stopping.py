@@ -42,9 +42,12 @@ class GracefulStop(Callback):
     """On SIGINT (Ctrl-C) or SIGTERM, finish the current step, save last.ckpt, and stop with RunInterrupted.
 
     Lightning's own handling (KeyboardInterrupt at an arbitrary point, SIGTERM raised between batches without a
-    checkpoint) can stop inside an optimizer step and saves nothing; this waits for the step to end. A second Ctrl-C
-    stops at once. Every process of a distributed run installs the handler; a signal that reaches only one of them
-    (SIGTERM to the launching process) stops all of them within `cnnlab.ranks.AGREE_EVERY_N_STEPS` steps.
+    checkpoint) can stop inside an optimizer step and saves nothing; this waits for the step to end. The save and the
+    stop are left to last.ckpt's owner (cnnlab.last_checkpoint), which Lightning calls after every other callback:
+    the saved state holds the step's EMA update and other callbacks' work, a whole gradient-accumulation window, and
+    on an epoch's last step the epoch's validation. A second Ctrl-C stops at once. Every process of a distributed run
+    installs the handler; a signal that reaches only one of them (SIGTERM to the launching process) stops all of them
+    within `cnnlab.ranks.AGREE_EVERY_N_STEPS` steps.
     """
 
     def __init__(self) -> None:
@@ -71,9 +74,10 @@ class GracefulStop(Callback):
         if not agreement_due(trainer) or not any_rank(trainer, self.received is not None):
             return
         last = owner(trainer)
-        if last is not None:
-            last.save(trainer)
-        raise RunInterrupted(self.received or signal.SIGTERM, last.path if last else None)
+        stop = RunInterrupted(self.received or signal.SIGTERM, last.path if last else None)
+        if last is None:
+            raise stop
+        last.stop_after_this_step(stop)  # it saves after the other callbacks' work for this step, then raises
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
