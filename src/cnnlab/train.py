@@ -15,6 +15,7 @@ from cnnlab.checkpoint_io import DiskFull
 from cnnlab.classifier import ImageClassifier
 from cnnlab.console import RunHeader, parameter_count, print_summary
 from cnnlab.data.prepare_once import prepare_once_per_machine
+from cnnlab.last_checkpoint import LastCheckpoint
 from cnnlab.resume import load_resume_checkpoint
 from cnnlab.run_record import (
     early_stopping_record,
@@ -168,7 +169,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         raise
     train_seconds = max(clock.seconds, 1e-9)
 
-    checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    best = (c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and not isinstance(c, LastCheckpoint))
+    checkpoint = next(best, None)  # best.ckpt's; None where the config turns it off
     best_path = checkpoint.best_model_path if checkpoint else ""
     metrics: dict[str, Any] = {
         "status": "finished",
