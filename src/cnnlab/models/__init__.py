@@ -3,5 +3,6 @@
 from cnnlab.models.lenet import LeNet5
 from cnnlab.models.resnet import ResBlk, ResNet
 from cnnlab.models.resnet9 import ResNet9
+from cnnlab.models.torchvision_net import torchvision_net
 
-__all__ = ["LeNet5", "ResBlk", "ResNet", "ResNet9"]
+__all__ = ["LeNet5", "ResBlk", "ResNet", "ResNet9", "torchvision_net"]
