@@ -96,7 +96,7 @@ def test_backbone_lr_scale_needs_weights_to_scale(tmp_path):
     overrides = quick_run(tmp_path, "model.weights=null", "backbone_lr_scale=0.1", model="torchvision", data="folder")
     cfg = compose_config(overrides, tmp_path)
     preprocessing_from_weights(cfg)
-    with pytest.raises(UserError, match="init_from or model.weights, but neither is set"):
+    with pytest.raises(UserError, match="init_from is not set and the model has no weights"):
         check_finetune(cfg)
     validate_config(cfg)  # model.weights=null needs no file
 

@@ -178,8 +178,9 @@ def check_finetune(cfg: DictConfig) -> None:
         raise UserError(f"backbone_lr_scale={scale} must be a positive factor (e.g. 0.1), or 1 for no difference.")
     if scale != 1.0 and not cfg.get("init_from") and model_weights(cfg.model) is None:
         raise UserError(
-            f"backbone_lr_scale={scale} scales the rate of the weights carried over by init_from or model.weights, "
-            "but neither is set. Give init_from=<checkpoint> or model=torchvision, or drop backbone_lr_scale."
+            f"backbone_lr_scale={scale} scales the rate of the weights carried over by init_from (or model.weights "
+            "of model=torchvision), but init_from is not set and the model has no weights. Give "
+            "init_from=<checkpoint> or model=torchvision, or drop backbone_lr_scale."
         )
     if cfg.get("freeze"):
         with torch.device("meta"):
