@@ -42,6 +42,7 @@ import shlex
 import subprocess
 import sys
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from PIL import Image
 from cnnlab.cli import config_dir, run_reporting_user_errors
 from cnnlab.data.formats import read_idx
 from tests.conftest import REPO, make_cifar, make_cifar100, make_image_folder, make_mnist, pyproject
+from tests.test_pretrained import write_weights
 
 # docs/_*.md are drafts of README text, written where README's links do not resolve; they are checked once merged.
 PAGES = [REPO / "README.md", *sorted(p for p in (REPO / "docs").glob("*.md") if not p.name.startswith("_"))]
@@ -423,7 +425,18 @@ RUN = [c for c in COMMANDS if disposition(c) in ("subprocess", "in-process")]
 
 
 @pytest.fixture(scope="module")
-def ran(tmp_path_factory) -> tuple[Path, dict[tuple, Result]]:
+def stand_in_weights(tmp_path_factory) -> Iterator[Path]:
+    """A TORCH_HOME holding stand-ins for the ImageNet files the pages' model=torchvision commands read: no download."""
+    home = tmp_path_factory.mktemp("torch-home")
+    for arch in ("resnet18", "efficientnet_b0"):
+        write_weights(home, arch)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(home))  # inherited by the commands run as scripts
+        yield home
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory, stand_in_weights) -> tuple[Path, dict[tuple, Result]]:
     """Every runnable command's result, by step key; the sandbox they ran in."""
     sandbox = tmp_path_factory.mktemp("docs-sandbox")
     build_sandbox(sandbox)

@@ -5,6 +5,7 @@ The shapes come from a real forward pass of one zero image of the data config's 
 from `cnnlab.ops` arithmetic applied to each layer's real input, and every row checks that the two agree.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from cnnlab.ops import UnfoldConv2d, conv_output_size, pool_output_size
+from cnnlab.pretrained import preprocessing_from_weights
 
 CONVS = (nn.Conv2d, UnfoldConv2d)
 POOLS = (nn.MaxPool2d, nn.AvgPool2d)
@@ -67,8 +69,8 @@ def predict_shape(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ..
         for d in in_shape:
             n *= d
         return (n,)
-    if isinstance(module, nn.Linear):
-        return (module.out_features,)
+    if isinstance(module, nn.Linear):  # on the last dimension: (C,) or, inside ConvNeXt blocks, (H, W, C)
+        return (*in_shape[:-1], module.out_features)
     if isinstance(module, nn.BatchNorm2d | nn.ReLU | nn.GELU | nn.Tanh | nn.Identity | nn.Dropout):
         return in_shape
     return None
@@ -80,8 +82,8 @@ def count_macs(module: nn.Module, out_shape: tuple[int, ...]) -> int:
         kh, kw = module.kernel_size
         per_output = (module.in_channels // module.groups) * kh * kw
         return per_output * out_shape[0] * out_shape[1] * out_shape[2]
-    if isinstance(module, nn.Linear):
-        return module.in_features * module.out_features
+    if isinstance(module, nn.Linear):  # once per position when applied to (H, W, C)
+        return module.in_features * math.prod(out_shape)
     return 0
 
 
@@ -169,12 +171,14 @@ def render(rows: list[LayerRow], title: str, console: Console) -> None:
 
 def inspect_model(cfg: DictConfig) -> dict[str, Any]:
     """Print the layer table of cfg.model on cfg.data's image shape; returns the rows and totals."""
+    preprocessing_from_weights(cfg)  # as train.py does: model=torchvision's input size, where the data left it null
     with open_dict(cfg):  # as train.py does: a folder's (or CIFAR-100's) class count into cfg.data before building
         cfg.data.update(instantiate(cfg.data).discover())
     model = instantiate(cfg.model)
     image_shape = tuple(cfg.data.image_shape)
     rows = layer_table(model, image_shape)
-    title = f"{cfg.model._target_.rsplit('.', 1)[-1]} on {'x'.join(map(str, image_shape))} inputs"
+    name = cfg.model.get("arch") or cfg.model._target_.rsplit(".", 1)[-1]  # model=torchvision: its arch
+    title = f"{name} on {'x'.join(map(str, image_shape))} inputs"
     render(rows, title, Console())
     mismatches = [r.name for r in rows if not r.agrees]
     if mismatches:

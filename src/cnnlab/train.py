@@ -16,6 +16,7 @@ from cnnlab.classifier import ImageClassifier
 from cnnlab.console import RunHeader, parameter_count, print_summary
 from cnnlab.data.prepare_once import prepare_once_per_machine
 from cnnlab.last_checkpoint import LastCheckpoint
+from cnnlab.pretrained import model_weights, preprocessing_from_weights, start_from_weights
 from cnnlab.resume import load_resume_checkpoint
 from cnnlab.run_record import (
     early_stopping_record,
@@ -58,7 +59,7 @@ def build_classifier(cfg: DictConfig) -> ImageClassifier:
 def finetune_settings(cfg: DictConfig) -> dict[str, Any] | None:
     """The classifier's `finetune` hyperparameters for a run started from another run's weights, or with frozen
     layers; None for an ordinary run."""
-    if not cfg.get("init_from") and not cfg.get("freeze"):
+    if not cfg.get("init_from") and not cfg.get("freeze") and model_weights(cfg.model) is None:
         return None
     return {
         "init_from": str(cfg.init_from) if cfg.get("init_from") else None,
@@ -131,6 +132,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         stored = resumed["hyper_parameters"]["data"]
         with open_dict(cfg):
             cfg.data.update({k: v for k, v in stored.items() if k in cfg.data and cfg.data[k] is None})
+    preprocessing_from_weights(cfg)  # model.weights: the input size, mean and std they expect, where left null
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     trainer = build_trainer(cfg, extra_callbacks, resume_step)
@@ -149,7 +151,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     console = Console(stderr=False)
     if trainer.is_global_zero and cfg.get("print_config"):
         console.print(OmegaConf.to_yaml(cfg, resolve=True), markup=False, highlight=False)
-    notes = [transfer] if transfer else []
+    notes = [note for note in (transfer, start_from_weights(classifier, cfg)) if note]
     if resumed:
         notes.append(f"resumed  from step {resume_step:,} of {cfg.ckpt_path}")
     trainer.callbacks.append(RunHeader(run_dir, notes))

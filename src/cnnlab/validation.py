@@ -9,6 +9,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.errors import UserError
+from cnnlab.pretrained import check_weights_file, model_weights
 from cnnlab.resume import check_checkpoint_fits
 from cnnlab.tta import TTA_LEVELS
 from cnnlab.writable_folders import writable_folder
@@ -162,10 +163,11 @@ def check_finetune(cfg: DictConfig) -> None:
     scale = cfg.get("backbone_lr_scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
         raise UserError(f"backbone_lr_scale={scale} must be a positive factor (e.g. 0.1), or 1 for no difference.")
-    if scale != 1.0 and not cfg.get("init_from"):
+    if scale != 1.0 and not cfg.get("init_from") and model_weights(cfg.model) is None:
         raise UserError(
-            f"backbone_lr_scale={scale} scales the rate of the weights carried over by init_from, but init_from is "
-            "not set. Give init_from=<checkpoint>, or drop backbone_lr_scale."
+            f"backbone_lr_scale={scale} scales the rate of the weights carried over by init_from (or model.weights "
+            "of model=torchvision), but init_from is not set and the model has no weights. Give "
+            "init_from=<checkpoint> or model=torchvision, or drop backbone_lr_scale."
         )
     if cfg.get("freeze"):
         with torch.device("meta"):
@@ -188,6 +190,7 @@ def validate_config(cfg: DictConfig) -> None:
     check_accelerator(cfg)
     check_paths(cfg)
     check_split(cfg)
+    check_weights_file(cfg)  # last: it may download the model's weights
 
 
 def validate_model(cfg: DictConfig, resumed: dict[str, Any] | None = None) -> None:
