@@ -7,11 +7,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from cnnlab.cli import config_dir
+from cnnlab.errors import UserError
 from cnnlab.export import export
+from cnnlab.train import train
 from tests.checkpoint_helpers import train_briefly
+from tests.conftest import compose_config, quick_run
+from tests.launch import run_script
 
 UMASK = 0o027  # neither the usual 022 nor mkstemp's owner-only 0600: a file gets 0o640 only by honouring it
 
@@ -39,3 +44,45 @@ def test_checkpoints_metrics_and_exports_get_the_permissions_the_umask_gives(tin
     assert {str(f): oct(mode(f)) for f in [*files, Path(onnx)]} == {
         str(f): oct(0o666 & ~umask) for f in [*files, Path(onnx)]
     }
+
+
+# --- a second run into a folder that holds a run ----------------------------------------------------------------------
+SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "test=false"]
+
+
+def run_files(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a run folder but Hydra's log, by relative path, with its bytes."""
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name != "train.log"
+    }
+
+
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_unless_overwrite_is_set(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    train(compose_config(quick_run(tiny_data, *SHORT), run_dir))
+    before = run_files(run_dir)
+    with pytest.raises(UserError) as refused:
+        train(compose_config(quick_run(tiny_data, *SHORT, "optimizer.lr=0.01"), run_dir))
+    message = str(refused.value)
+    assert "\n" not in message and str(run_dir) in message
+    assert f"resume={run_dir}" in message and "hydra.run.dir=" in message and "overwrite=true" in message
+    assert run_files(run_dir) == before  # nothing written, nothing removed
+
+    train(compose_config(quick_run(tiny_data, *SHORT, "optimizer.lr=0.01", "overwrite=true"), run_dir))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]  # no -v1 files
+    ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["optimizer"]["lr"] == 0.01  # the new run's
+
+
+def test_the_train_command_refuses_a_used_run_folder_before_hydra_rewrites_its_record(tiny_data, tmp_path):
+    args = quick_run(tiny_data, *SHORT)
+    first = run_script("train", *args, "hydra.run.dir=run", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = run_files(tmp_path / "run")
+    again = run_script("train", *args, "model=resnet8", "hydra.run.dir=run", cwd=tmp_path)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    paragraphs = [p for p in again.stderr.strip().split("\n\n") if p.strip()]
+    assert len(paragraphs) == 1 and "resume=" in paragraphs[0] and "overwrite=true" in paragraphs[0]
+    assert run_files(tmp_path / "run") == before  # .hydra/overrides.yaml too: resume=run still finds the run's own

@@ -1,5 +1,6 @@
 """train(cfg): build data, model and Trainer from a composed config, fit, test, and write the run directory."""
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -8,6 +9,7 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
@@ -18,7 +20,10 @@ from cnnlab.resume import load_resume_checkpoint
 from cnnlab.run_record import early_stopping_record, environment, hparams_row, log_hparams, write_json
 from cnnlab.stopping import NonFiniteLoss, RunInterrupted
 from cnnlab.tracking import finish_tracking
-from cnnlab.validation import validate_config, validate_model
+from cnnlab.validation import resumes_in_place, validate_config, validate_model
+
+# What a run writes into its folder by these names (.hydra/ and train.log are Hydra's, rewritten by every run).
+RUN_OUTPUTS = ("checkpoints", "tensorboard", "csv", "metrics.json", "env.json")
 
 
 def plain(node: Any) -> Any:
@@ -110,6 +115,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     """Fit, then test the best checkpoint; returns the metrics written to <run dir>/metrics.json."""
     run_dir = Path(cfg.run_dir)
     validate_config(cfg)  # bad values stop here, before data is read or anything is written
+    if cfg.get("overwrite") and not resumes_in_place(run_dir, cfg.ckpt_path):
+        remove_previous_run(run_dir)
     resumed = load_resume_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     init = None
     if cfg.get("init_from") and resumed is None:  # a resumed run's weights come from its own checkpoint
@@ -189,6 +196,18 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         finish_tracking(trainer, cfg, metrics)  # logger=mlflow or wandb: the config, these metrics, best.ckpt
         print_summary(console, run_dir, metrics)
     return metrics
+
+
+@rank_zero_only  # once: the other processes of a distributed run start later, into the same folder
+def remove_previous_run(run_dir: Path) -> None:
+    """overwrite=true: remove what an earlier run wrote into run_dir, so that the new run's files replace it rather
+    than sit beside it (Lightning's ModelCheckpoint would write best-v1.ckpt; TensorBoard would show both runs)."""
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def logged_so_far(trainer: L.Trainer) -> dict[str, float]:
