@@ -2,6 +2,7 @@
 resumes, a used run folder refused unless overwrite=true, and files created with the permissions the umask gives."""
 
 import os
+import signal
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
 
 from cnnlab.cli import config_dir
 from cnnlab.errors import UserError
@@ -86,3 +88,46 @@ def test_the_train_command_refuses_a_used_run_folder_before_hydra_rewrites_its_r
     paragraphs = [p for p in again.stderr.strip().split("\n\n") if p.strip()]
     assert len(paragraphs) == 1 and "resume=" in paragraphs[0] and "overwrite=true" in paragraphs[0]
     assert run_files(tmp_path / "run") == before  # .hydra/overrides.yaml too: resume=run still finds the run's own
+
+
+# --- MLflow: one run per training run, across resumes -----------------------------------------------------------------
+def mlflow_runs(outputs: Path) -> tuple[MlflowClient, list]:
+    """The store's client and the runs of its `train` experiment, oldest first."""
+    client = MlflowClient(f"sqlite:///{outputs / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("train")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]) if experiment else []
+    return client, runs
+
+
+def test_an_extended_run_continues_its_mlflow_run(tiny_data, tmp_path):
+    outputs, run_dir = tmp_path / "outputs", tmp_path / "outputs" / "train" / "run"
+    logged = quick_run(tiny_data, "trainer.limit_train_batches=4", "logger=mlflow", f"paths.output_dir={outputs}")
+    train(compose_config([*logged, "trainer.max_epochs=1"], run_dir))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    metrics = train(compose_config([*logged, "trainer.max_epochs=2", f"ckpt_path={last}"], run_dir))
+
+    client, runs = mlflow_runs(outputs)
+    (run,) = runs  # not one MLflow run per process
+    assert run.info.status == "FINISHED" and run.info.run_name == str(run_dir)
+    history = client.get_metric_history(run.info.run_id, "val/acc")
+    assert sorted(m.step for m in history) == [3, 7]  # both epochs' curves in the one run
+    assert run.data.metrics["epochs"] == metrics["epochs"] == 2
+    assert run.data.params["trainer/max_epochs"] == "1"  # MLflow keeps a parameter's first value; the new one:
+    assert run.data.tags["resumed/trainer/max_epochs"] == "2"
+
+
+def test_a_killed_run_resumed_from_the_command_line_finishes_its_mlflow_run(tiny_data, tmp_path):
+    killer = ["+callbacks.kill._target_=tests.ddp_helpers.KillAtStep", "+callbacks.kill.step=6",
+              f"+callbacks.kill.marker={tmp_path / 'killed'}"]  # fmt: skip
+    args = quick_run(tiny_data, "trainer.limit_train_batches=4", "trainer.max_epochs=2", "logger=mlflow", *killer)
+    killed = run_script("train", *args, "hydra.run.dir=run", cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]  # in the second epoch, after last.ckpt at 4
+    client, (run,) = mlflow_runs(tmp_path / "outputs")
+    assert run.info.status == "RUNNING"  # what a kill leaves: nothing could mark it
+
+    resumed = run_script("train", "resume=run", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client, runs = mlflow_runs(tmp_path / "outputs")
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(run.info.run_id, "FINISHED")]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc")) == [3, 7]
+    assert "test_acc" in runs[0].data.metrics

@@ -19,7 +19,7 @@ from cnnlab.console import RunHeader, parameter_count, print_summary
 from cnnlab.resume import load_resume_checkpoint
 from cnnlab.run_record import early_stopping_record, environment, hparams_row, log_hparams, write_json
 from cnnlab.stopping import NonFiniteLoss, RunInterrupted
-from cnnlab.tracking import finish_tracking
+from cnnlab.tracking import MLflowRunInCheckpoints, build_mlflow_logger, continued_run_id, finish_tracking, is_mlflow
 from cnnlab.validation import resumes_in_place, validate_config, validate_model
 
 # What a run writes into its folder by these names (.hydra/ and train.log are Hydra's, rewritten by every run).
@@ -86,19 +86,30 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 
 
 def build_trainer(
-    cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, resume_step: int | None = None
+    cfg: DictConfig,
+    extra_callbacks: list[L.Callback] | None = None,
+    resume_step: int | None = None,
+    mlflow_run_id: str | None = None,
 ) -> L.Trainer:
     """The Trainer with the configured callbacks (and extra_callbacks, e.g. a search's pruning) and loggers.
 
     resume_step: the checkpoint's step when resuming; TensorBoard hides what the interrupted run logged after it.
+    mlflow_run_id: the MLflow run a run resumed in place continues (its checkpoint keeps the id).
     """
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += extra_callbacks or []
     loggers = []
     for lg in (cfg.get("logger") or {}).values():
-        if lg is not None:
-            tensorboard = resume_step is not None and lg._target_.endswith("TensorBoardLogger")
-            loggers.append(instantiate(lg, purge_step=resume_step) if tensorboard else instantiate(lg))
+        if lg is None:
+            continue
+        if is_mlflow(lg):
+            loggers.append(build_mlflow_logger(lg, mlflow_run_id))
+        elif resume_step is not None and lg._target_.endswith("TensorBoardLogger"):
+            loggers.append(instantiate(lg, purge_step=resume_step))
+        else:
+            loggers.append(instantiate(lg))
+    if any(is_mlflow(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None):
+        callbacks.append(MLflowRunInCheckpoints())
     overrides: dict[str, Any] = {}
     if cfg.trainer.get("deterministic") and cfg.trainer.get("benchmark"):
         # cuDNN autotuning times the candidate algorithms, so another process may pick another (deterministic) one
@@ -130,7 +141,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
             cfg.data.update({k: v for k, v in stored.items() if k in cfg.data and cfg.data[k] is None})
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
-    trainer = build_trainer(cfg, extra_callbacks, resume_step)
+    # A run resumed in its own folder continues its MLflow run; one resumed into another folder is a new run there.
+    mlflow_run_id = continued_run_id(resumed) if resumes_in_place(run_dir, cfg.ckpt_path) else None
+    trainer = build_trainer(cfg, extra_callbacks, resume_step, mlflow_run_id)
     if trainer.local_rank == 0:  # once per machine: Lightning holds the other processes back until it is done
         datamodule.prepare_data()  # missing files are reported before the model is built or anything is written
     # What the data finds in its files (a folder's classes, mean and std) goes into cfg.data before the model is
