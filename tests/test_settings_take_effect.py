@@ -1,15 +1,19 @@
 """Settings that take effect as written: the momentum the optimizer uses, one MLflow run per training run across
 resumes, a used run folder refused unless overwrite=true, and files created with the permissions the umask gives."""
 
+import math
 import os
 import signal
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Callback
 from mlflow.tracking import MlflowClient
 
 from cnnlab.cli import config_dir
@@ -131,3 +135,33 @@ def test_a_killed_run_resumed_from_the_command_line_finishes_its_mlflow_run(tiny
     assert [(r.info.run_id, r.info.status) for r in runs] == [(run.info.run_id, "FINISHED")]
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc")) == [3, 7]
     assert "test_acc" in runs[0].data.metrics
+
+
+# --- the momentum the optimizer uses ----------------------------------------------------------------------------------
+class RecordMomentum(Callback):
+    """The momentum of each optimizer step, as the optimizer holds it when the step's batch starts."""
+
+    def __init__(self) -> None:
+        self.momenta: list[float] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.momenta.append(trainer.optimizers[0].param_groups[0]["momentum"])
+
+
+@pytest.mark.parametrize("cycle", [False, True])
+def test_the_optimizer_steps_with_the_configured_momentum_or_the_configured_cycle(tiny_data, tmp_path, cycle):
+    cfg = compose_config(quick_run(tiny_data, *SHORT, "trainer.limit_train_batches=8", "trainer.max_epochs=2",
+                                   f"scheduler.cycle_momentum={cycle}"), tmp_path)  # fmt: skip
+    assert cfg.scheduler._target_.endswith("OneCycleLR") and cfg.optimizer.momentum == 0.9  # the shipped defaults
+    recorder = RecordMomentum()
+    train(cfg, extra_callbacks=[recorder])
+    assert len(recorder.momenta) == 16
+    if not cycle:
+        assert recorder.momenta == [cfg.optimizer.momentum] * 16
+        return
+    # OneCycleLR's cosine cycle over 16 steps: max_momentum, down to base_momentum at the peak rate (step
+    # pct_start * 16 - 1 = 3), back up to max_momentum at the last step.
+    base, top, peak = cfg.scheduler.base_momentum, cfg.scheduler.max_momentum, 3
+    expected = [top - (top - base) * (1 - math.cos(math.pi * s / peak)) / 2 for s in range(peak + 1)]
+    expected += [base + (top - base) * (1 - math.cos(math.pi * s / (15 - peak))) / 2 for s in range(1, 16 - peak)]
+    assert recorder.momenta == pytest.approx(expected, abs=1e-9)
