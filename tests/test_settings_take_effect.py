@@ -103,12 +103,25 @@ def mlflow_runs(outputs: Path) -> tuple[MlflowClient, list]:
     return client, runs
 
 
+class RecordMlflowStatus(Callback):
+    """The status of the run's MLflow run, read from the store at each training epoch's end."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        (logger,) = trainer.loggers
+        self.seen.append(logger.experiment.get_run(logger.run_id).info.status)
+
+
 def test_an_extended_run_continues_its_mlflow_run(tiny_data, tmp_path):
     outputs, run_dir = tmp_path / "outputs", tmp_path / "outputs" / "train" / "run"
     logged = quick_run(tiny_data, "trainer.limit_train_batches=4", "logger=mlflow", f"paths.output_dir={outputs}")
     train(compose_config([*logged, "trainer.max_epochs=1"], run_dir))
     last = run_dir / "checkpoints" / "last.ckpt"
-    metrics = train(compose_config([*logged, "trainer.max_epochs=2", f"ckpt_path={last}"], run_dir))
+    status = RecordMlflowStatus()
+    metrics = train(compose_config([*logged, "trainer.max_epochs=2", f"ckpt_path={last}"], run_dir), [status])
+    assert status.seen == ["RUNNING"]  # while it trains again; it had ended FINISHED
 
     client, runs = mlflow_runs(outputs)
     (run,) = runs  # not one MLflow run per process
