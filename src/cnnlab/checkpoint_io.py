@@ -11,7 +11,6 @@ one paragraph (DiskFull) naming the file, the free space and the command that co
 import errno
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from cnnlab.atomic_files import atomic_path
 from cnnlab.errors import UserError
 
 # torch.save reports a failed write inside its zip writer as a RuntimeError ("unexpected pos", "failed writing");
@@ -53,22 +53,20 @@ def disk_full(path: Path, err: BaseException) -> DiskFull | None:
 
 
 def atomic_torch_save(payload: Any, path: str | Path) -> None:
-    """torch.save into a temporary file next to path, fsync it, then rename it over path."""
+    """torch.save into a temporary file next to path, fsync it, then rename it over path, and fsync the folder.
+
+    The temporary file comes from atomic_files.atomic_path, the one writer of every file a run leaves, which gives it
+    the permissions open() would (0o666 less the umask) rather than mkstemp's owner-only 0o600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise disk_full(path, err) or err from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        full = disk_full(path, err) if isinstance(err, OSError | RuntimeError) else None
+    except (OSError, RuntimeError) as err:
+        full = disk_full(path, err)
         if full is not None:
             raise full from None
         raise

@@ -16,7 +16,7 @@ from cnnlab.config_files import config_dir
 from cnnlab.errors import UserError
 from cnnlab.resume import resume_arguments, resume_command
 from cnnlab.stopping import RunInterrupted
-from cnnlab.validation import check_output_arguments
+from cnnlab.validation import check_output_arguments, check_run_dir_argument
 
 # Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates; it says nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -107,6 +107,7 @@ def train_main() -> None:
     try:
         sys.argv[1:] = resume_arguments(sys.argv[1:])
         check_output_arguments(sys.argv[1:])
+        check_run_dir_argument(sys.argv[1:])
     except UserError as err:
         print(f"\nError: {err}\n", file=sys.stderr)
         sys.exit(2)

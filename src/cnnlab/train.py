@@ -1,5 +1,6 @@
 """train(cfg): build data, model and Trainer from a composed config, fit, test, and write the run directory."""
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -8,6 +9,7 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
@@ -27,9 +29,12 @@ from cnnlab.run_record import (
     write_json,
 )
 from cnnlab.stopping import NonFiniteLoss, RunInterrupted
-from cnnlab.tracking import finish_tracking
+from cnnlab.tracking import MLflowRunInCheckpoints, build_mlflow_logger, continued_run_id, finish_tracking, is_mlflow
 from cnnlab.training.step_clock import StepClock
-from cnnlab.validation import validate_config, validate_model
+from cnnlab.validation import resumes_in_place, validate_config, validate_model
+
+# What a run writes into its folder by these names (.hydra/ and train.log are Hydra's, rewritten by every run).
+RUN_OUTPUTS = ("checkpoints", "tensorboard", "csv", "metrics.json", "env.json")
 
 
 def plain(node: Any) -> Any:
@@ -92,19 +97,30 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 
 
 def build_trainer(
-    cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None, resume_step: int | None = None
+    cfg: DictConfig,
+    extra_callbacks: list[L.Callback] | None = None,
+    resume_step: int | None = None,
+    mlflow_run_id: str | None = None,
 ) -> L.Trainer:
     """The Trainer with the configured callbacks (and extra_callbacks, e.g. a search's pruning) and loggers.
 
     resume_step: the checkpoint's step when resuming; TensorBoard hides what the interrupted run logged after it.
+    mlflow_run_id: the MLflow run a run resumed in place continues (its checkpoint keeps the id).
     """
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += extra_callbacks or []
     loggers = []
     for lg in (cfg.get("logger") or {}).values():
-        if lg is not None:
-            tensorboard = resume_step is not None and lg._target_.endswith("TensorBoardLogger")
-            loggers.append(instantiate(lg, purge_step=resume_step) if tensorboard else instantiate(lg))
+        if lg is None:
+            continue
+        if is_mlflow(lg):
+            loggers.append(build_mlflow_logger(lg, mlflow_run_id))
+        elif resume_step is not None and lg._target_.endswith("TensorBoardLogger"):
+            loggers.append(instantiate(lg, purge_step=resume_step))
+        else:
+            loggers.append(instantiate(lg))
+    if any(is_mlflow(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None):
+        callbacks.append(MLflowRunInCheckpoints())
     overrides: dict[str, Any] = {}
     if cfg.trainer.get("deterministic") and cfg.trainer.get("benchmark"):
         # cuDNN autotuning times the candidate algorithms, so another process may pick another (deterministic) one
@@ -121,6 +137,8 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     """Fit, then test the best checkpoint; returns the metrics written to <run dir>/metrics.json."""
     run_dir = Path(cfg.run_dir)
     validate_config(cfg)  # bad values stop here, before data is read or anything is written
+    if cfg.get("overwrite") and not resumes_in_place(run_dir, cfg.ckpt_path):
+        remove_previous_run(run_dir)
     resumed = load_resume_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     init = None
     if cfg.get("init_from") and resumed is None:  # a resumed run's weights come from its own checkpoint
@@ -135,7 +153,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     preprocessing_from_weights(cfg)  # model.weights: the input size, mean and std they expect, where left null
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
-    trainer = build_trainer(cfg, extra_callbacks, resume_step)
+    # A run resumed in its own folder continues its MLflow run; one resumed into another folder is a new run there.
+    mlflow_run_id = continued_run_id(resumed) if resumes_in_place(run_dir, cfg.ckpt_path) else None
+    trainer = build_trainer(cfg, extra_callbacks, resume_step, mlflow_run_id)
     # Missing files are reported (or downloaded) before the model is built or anything is written. The machine's
     # first process prepares, as Lightning's prepare_data_per_node does; the others wait at fit()'s barrier, or at
     # the lock inside if discover() needs the files sooner (CIFAR-100's class names).
@@ -207,6 +227,18 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         finish_tracking(trainer, cfg, metrics)  # logger=mlflow or wandb: the config, these metrics, best.ckpt
         print_summary(console, run_dir, metrics)
     return metrics
+
+
+@rank_zero_only  # once: the other processes of a distributed run start later, into the same folder
+def remove_previous_run(run_dir: Path) -> None:
+    """overwrite=true: remove what an earlier run wrote into run_dir, so that the new run's files replace it rather
+    than sit beside it (Lightning's ModelCheckpoint would write best-v1.ckpt; TensorBoard would show both runs)."""
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def logged_so_far(trainer: L.Trainer) -> dict[str, float]:

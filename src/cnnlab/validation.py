@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.errors import UserError
 from cnnlab.pretrained import check_weights_file, model_weights
-from cnnlab.resume import check_checkpoint_fits
+from cnnlab.resume import check_checkpoint_fits, resume_command
 from cnnlab.tta import TTA_LEVELS
 from cnnlab.writable_folders import writable_folder
 
@@ -111,13 +111,60 @@ def check_paths(cfg: DictConfig) -> None:
         raise UserError(f"The run folder {run_dir} cannot be written (no permission). Set hydra.run.dir elsewhere.")
 
 
+def argument_values(args: list[str]) -> dict[str, str]:
+    """The values a command line's key=value overrides set, by key: `+trainer.x=1` -> {"trainer.x": "1"}."""
+    return {a.split("=", 1)[0].lstrip("+"): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
+
+
 def check_output_arguments(args: list[str]) -> None:
     """Before Hydra makes the run folder: the output folders named on the command line must be writable."""
-    values = {a.split("=", 1)[0].lstrip("+"): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
+    values = argument_values(args)
     for key in ("hydra.run.dir", "paths.output_dir"):
         folder = values.get(key, "outputs" if key == "paths.output_dir" else None)
         if folder and not writable_folder(Path(folder)):
             raise UserError(f"{key}={folder} cannot be written (no permission). Point it at a writable folder.")
+
+
+def previous_run(run_dir: Path) -> list[Path]:
+    """What an earlier run left in run_dir: its checkpoints and metrics.json; [] for a new or unused folder."""
+    checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").is_dir() else []
+    return [*checkpoints, *[p for p in (run_dir / "metrics.json",) if p.is_file()]]
+
+
+def resumes_in_place(run_dir: Path, ckpt_path: str | None) -> bool:
+    """Whether ckpt_path is one of run_dir's own checkpoints, i.e. the run continues there."""
+    return bool(ckpt_path) and Path(ckpt_path).expanduser().resolve().parent == (run_dir / "checkpoints").resolve()
+
+
+def check_run_dir_unused(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
+    """A new run into a folder that holds a run is refused, unless overwrite=true; a run resumed from that folder's
+    own checkpoint continues there.
+
+    Lightning's ModelCheckpoint would write best-v1.ckpt beside the old best.ckpt rather than overwrite it, and the
+    TensorBoard files of both runs would mix.
+    """
+    found = previous_run(run_dir)
+    if overwrite or not found or resumes_in_place(run_dir, ckpt_path):
+        return
+    names = ", ".join(str(p.relative_to(run_dir)) for p in found)
+    raise UserError(
+        f"The run folder {run_dir} already holds a run ({names}); a new run there would mix its checkpoints and "
+        f"curves with the old ones. To continue that run, use {resume_command(run_dir)}; to start a new one, give "
+        "it another folder (leave hydra.run.dir unset for a new dated folder, or set hydra.run.dir=<new folder>); "
+        "to replace the old run, add overwrite=true."
+    )
+
+
+def check_run_dir_argument(args: list[str]) -> None:
+    """Before Hydra writes its record of the run (.hydra/, which resume= reads) into a folder named on the command
+    line: check_run_dir_unused for hydra.run.dir."""
+    values = argument_values(args)
+    folder = values.get("hydra.run.dir")
+    resuming = values.get("resume") not in (None, "", "null")
+    if not folder or "${" in folder or resuming or any(a in ("-m", "--multirun") for a in args):
+        return
+    overwrite = values.get("overwrite", "false").lower() == "true"
+    check_run_dir_unused(Path(folder).expanduser(), values.get("ckpt_path"), overwrite)
 
 
 # Loggers whose package is optional, and the pyproject.toml extra (named as the package) that installs it.
@@ -189,6 +236,7 @@ def validate_config(cfg: DictConfig) -> None:
     check_tta(cfg)
     check_accelerator(cfg)
     check_paths(cfg)
+    check_run_dir_unused(Path(cfg.run_dir), cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
     check_split(cfg)
     check_weights_file(cfg)  # last: it may download the model's weights
 
