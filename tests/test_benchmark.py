@@ -54,12 +54,12 @@ def test_plain_loop_transforms_every_batch_as_the_projects_path_does(tiny_data, 
     original = BatchTransform.__call__
 
     def recording(self, x, generator=None):
-        calls.append((x.dtype, self.crop_padding, self.flip))
+        calls.append((x.dtype, self.crop_padding, self.augments))
         return original(self, x, generator)
 
     monkeypatch.setattr(BatchTransform, "__call__", recording)
     cfg = bench_config(tiny_data, tmp_path, "device=cpu", "data=cifar10", "model=resnet8", "compare=[plain]")
     result = benchmark(cfg)
     assert len(calls) == cfg.warmup_steps + cfg.steps  # one transform per step, none before the loop
-    assert set(calls) == {(torch.uint8, cfg.data.crop_padding, True)}
+    assert set(calls) == {(torch.uint8, cfg.data.crop_padding, True)}  # uint8 in, cropped and flipped
     assert result["same_work"]["augment"] is True and result["same_work"]["cudnn_benchmark"] is False
