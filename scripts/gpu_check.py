@@ -2,7 +2,7 @@
 
 import sys
 
-from cnnlab.gpu_check import main
+from cnnlab.tools.gpu_check import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from cnnlab.cli import config_dir, run_reporting_user_errors
-from cnnlab.learn_kernel import run
+from cnnlab.tools.learn_kernel import run
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="learn_kernel")

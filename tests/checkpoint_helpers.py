@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from cnnlab.train import build_classifier, train
+from cnnlab.commands.train import build_classifier, train
 from tests.conftest import compose_config, quick_run
 
 # Two short epochs reach about 80% tiny test accuracy: right on most images but not all, so errors and ranks

@@ -7,11 +7,11 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.nn import functional as F
 
-from cnnlab.classifier import build_model, replanned_scheduler
-from cnnlab.evaluate import evaluate
-from cnnlab.inspect_model import layer_table
+from cnnlab.commands.evaluate import evaluate
+from cnnlab.commands.train import build_classifier, train
 from cnnlab.models import AirbenchNet
-from cnnlab.train import build_classifier, train
+from cnnlab.tools.inspect_model import layer_table
+from cnnlab.training.classifier import build_model, replanned_scheduler
 from cnnlab.training.schedules import LinearWarmupDecay
 from tests.conftest import DATASETS, compose_config, quick_run
 

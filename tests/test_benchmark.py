@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from cnnlab.benchmark import benchmark
+from cnnlab.tools.benchmark import benchmark
 from tests.conftest import compose_config, quick_run
 
 

@@ -7,8 +7,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 
-from cnnlab.classifier import ImageClassifier
-from cnnlab.train import build_classifier
+from cnnlab.commands.train import build_classifier
+from cnnlab.training.classifier import ImageClassifier
 from tests.conftest import compose_config, quick_run
 
 
@@ -129,7 +129,7 @@ def test_training_sums_agree_with_torchmetrics_mean_and_accuracy_and_reset_each_
     from torchmetrics import MeanMetric
     from torchmetrics.classification import MulticlassAccuracy
 
-    from cnnlab.classifier import TrainingSums
+    from cnnlab.training.classifier import TrainingSums
 
     g = torch.Generator().manual_seed(0)
     sums, mean, acc = TrainingSums(), MeanMetric(), MulticlassAccuracy(10, average="micro")

@@ -123,7 +123,7 @@ def test_validation_split_larger_than_the_training_set_is_refused(tiny_data, tmp
 
 
 def test_a_cifar_validation_split_that_leaves_no_training_images_stops_the_run_when_loaded(tiny_data, tmp_path):
-    from cnnlab.train import train
+    from cnnlab.commands.train import train
 
     # CIFAR-10 has no cheap header to read its size from before the run starts: the check comes when it is loaded.
     cfg = compose_config(quick_run(tiny_data, "data.val_size=500", model="lenet5", data="cifar10"), tmp_path)

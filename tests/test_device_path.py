@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from cnnlab.commands.train import build_trainer, train
 from cnnlab.data.tensor_loader import BatchTransform, EpochSampler, TensorLoader
-from cnnlab.stopping import StopOnNonFiniteLoss
-from cnnlab.train import build_trainer, train
+from cnnlab.training.stopping import StopOnNonFiniteLoss
 from tests.conftest import MODELS, compose_config, quick_run
 from tests.step_window import OpRecorder, RecordOps
 
@@ -155,7 +155,7 @@ def test_deterministic_run_goes_without_cudnn_autotuning(tiny_data, tmp_path):
 
 
 def test_progress_bar_shows_the_loss_of_the_last_step_it_redrew_at(tiny_data, tmp_path):
-    from cnnlab.progress import SparseRichProgressBar
+    from cnnlab.training.progress import SparseRichProgressBar
 
     class Shown(L.Callback):
         def __init__(self) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from cnnlab.classifier import ImageClassifier
+from cnnlab.training.classifier import ImageClassifier
 from tests.conftest import DDP_ON_CPU, make_mnist, quick_run
 from tests.launch import free_port, run_script, script_env, script_path
 

@@ -347,14 +347,14 @@ class Result:
 
 
 ENTRY = {  # script -> (its config, the function its hydra.main passes the config to)
-    "train.py": ("train", "cnnlab.train:train"),
-    "eval.py": ("eval", "cnnlab.evaluate:evaluate"),
-    "predict.py": ("predict", "cnnlab.predict:predict"),
-    "export.py": ("export", "cnnlab.export:export"),
-    "inspect_model.py": ("inspect_model", "cnnlab.inspect_model:inspect_model"),
-    "learn_kernel.py": ("learn_kernel", "cnnlab.learn_kernel:run"),
-    "benchmark.py": ("benchmark", "cnnlab.benchmark:benchmark"),
-    "benchmark_folder.py": ("benchmark_folder", "cnnlab.folder_benchmark:benchmark_folder"),
+    "train.py": ("train", "cnnlab.commands.train:train"),
+    "eval.py": ("eval", "cnnlab.commands.evaluate:evaluate"),
+    "predict.py": ("predict", "cnnlab.commands.predict:predict"),
+    "export.py": ("export", "cnnlab.commands.export:export"),
+    "inspect_model.py": ("inspect_model", "cnnlab.tools.inspect_model:inspect_model"),
+    "learn_kernel.py": ("learn_kernel", "cnnlab.tools.learn_kernel:run"),
+    "benchmark.py": ("benchmark", "cnnlab.tools.benchmark:benchmark"),
+    "benchmark_folder.py": ("benchmark_folder", "cnnlab.tools.folder_benchmark:benchmark_folder"),
 }
 
 

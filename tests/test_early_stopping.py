@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cnnlab.train import train
+from cnnlab.commands.train import train
 from tests.conftest import compose_config, quick_run
 
 # A learning rate of 1e-9 leaves the weights, and so every validation prediction, as they were: val/acc stalls.

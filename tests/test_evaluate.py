@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab.checkpoints import load_checkpoint
+from cnnlab.checkpoints.load import load_checkpoint
+from cnnlab.commands.evaluate import evaluate, resolve_checkpoints
+from cnnlab.commands.figures import confusion_matrix_figure, misclassified_figure
 from cnnlab.errors import UserError
-from cnnlab.evaluate import evaluate, resolve_checkpoints
-from cnnlab.figures import confusion_matrix_figure, misclassified_figure
 from tests.checkpoint_helpers import EXPECTED_MESSAGE, bad_files, write_hostile_checkpoint
 from tests.conftest import CIFAR_CLASSES, compose_config, make_mnist
 from tests.launch import run_script, tensorboard_events
@@ -23,7 +23,7 @@ def checkpoint_logits(path, split: str = "test") -> tuple[torch.Tensor, torch.Te
     """The checkpoint's logits for every image of a split of its own data, computed here without evaluate()."""
     from hydra.utils import instantiate
 
-    from cnnlab.checkpoints import classifier_from_checkpoint
+    from cnnlab.training.classifier import classifier_from_checkpoint
 
     ckpt = load_checkpoint(path)
     datamodule = instantiate(ckpt["hyper_parameters"]["data"])
@@ -129,7 +129,7 @@ def test_data_overrides_replace_the_stored_data_config(trained_run, tmp_path):
 
 
 def test_eval_data_keys_replace_the_stored_loader_workers_and_download(trained_run, tmp_path, monkeypatch):
-    import cnnlab.evaluate as evaluate_module
+    import cnnlab.commands.evaluate as evaluate_module
 
     built, loaders = [], []
     build, score = evaluate_module.build_datamodule, evaluate_module.logits_and_labels
@@ -154,7 +154,7 @@ def test_eval_data_keys_replace_the_stored_loader_workers_and_download(trained_r
 
 
 def test_misclassified_figure_shows_the_24_errors_the_model_was_surest_of(trained_run, tmp_path, monkeypatch):
-    import cnnlab.figures as figures
+    import cnnlab.commands.figures as figures
 
     shown = {}
     draw = figures.misclassified_figure

@@ -9,15 +9,15 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from cnnlab.stopping import RunInterrupted
-from cnnlab.train import train
+from cnnlab.commands.train import train
+from cnnlab.training.stopping import RunInterrupted
 from tests.conftest import compose_config, quick_run
 from tests.launch import tensorboard_scalars
 
 STEPS_PER_EPOCH = 16  # tiny_data: 500 training images in batches of 32
 STEP_SAVES = "callbacks.last_checkpoint.every_n_train_steps"
 ACCUMULATE_2 = "+trainer.accumulate_grad_batches=2"
-EMA_EVERY_STEP = ["+callbacks.ema._target_=cnnlab.ema.EMA", "+callbacks.ema.decay=0.99",
+EMA_EVERY_STEP = ["+callbacks.ema._target_=cnnlab.training.ema.EMA", "+callbacks.ema.decay=0.99",
                   "+callbacks.ema.update_every_n_steps=1", "+callbacks.ema.warmup=10"]  # fmt: skip
 
 
@@ -148,7 +148,7 @@ def test_under_gradient_accumulation_last_ckpt_is_written_once_per_optimizer_ste
 def test_under_gradient_accumulation_the_time_interval_waits_for_the_end_of_the_optimizer_step(
     tiny_data, tmp_path, monkeypatch
 ):
-    import cnnlab.last_checkpoint as last_checkpoint
+    import cnnlab.training.last_checkpoint as last_checkpoint
 
     # Every batch takes 250 s of the clock the callback reads: the default 10 minutes pass during every third batch.
     clock = {"now": 0.0}

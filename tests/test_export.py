@@ -9,11 +9,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from cnnlab.checkpoints import classifier_from_checkpoint, data_config, file_sha256, load_checkpoint
+from cnnlab.checkpoints.load import data_config, file_sha256, load_checkpoint
 from cnnlab.cli import config_dir
+from cnnlab.commands.export import export
+from cnnlab.commands.export_metadata import read_torchscript_description
 from cnnlab.errors import UserError
-from cnnlab.export import export
-from cnnlab.export_metadata import read_torchscript_description
+from cnnlab.training.classifier import classifier_from_checkpoint
 from tests.checkpoint_helpers import save_untrained_checkpoint
 from tests.launch import run_script
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cnnlab.commands.train import train
 from cnnlab.errors import UserError
-from cnnlab.train import train
 from tests.conftest import compose_config, make_image_folder, quick_run
 
 THREE = ["cat", "dog", "fox"]
@@ -97,8 +97,8 @@ def test_fine_tuning_settings_that_cannot_work_are_refused_before_training(tiny_
 
 
 def test_eval_and_predict_name_the_fine_tuned_classes(mnist_run, three_classes, tmp_path):
-    from cnnlab.evaluate import evaluate
-    from cnnlab.predict import predict
+    from cnnlab.commands.evaluate import evaluate
+    from cnnlab.commands.predict import predict
     from tests.test_predict import predict_config
 
     train(compose_config(finetune_overrides(three_classes, mnist_run, "trainer.max_epochs=1"), tmp_path / "run"))

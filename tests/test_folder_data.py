@@ -12,14 +12,15 @@ from omegaconf import open_dict
 from PIL import Image
 
 import cnnlab.data.folder as folder_module
-from cnnlab.checkpoints import classifier_from_checkpoint, load_checkpoint
+from cnnlab.checkpoints.load import load_checkpoint
+from cnnlab.commands.evaluate import evaluate
+from cnnlab.commands.predict import predict
+from cnnlab.commands.train import train
+from cnnlab.commands.validation import check_model_fits_data
 from cnnlab.data import FolderDataModule
 from cnnlab.data.images import load_image
 from cnnlab.errors import UserError
-from cnnlab.evaluate import evaluate
-from cnnlab.predict import predict
-from cnnlab.train import train
-from cnnlab.validation import check_model_fits_data
+from cnnlab.training.classifier import classifier_from_checkpoint
 from tests.conftest import FOLDER_CLASSES, MODELS, compose_config, make_image_folder, quick_run
 from tests.launch import run_script
 from tests.test_predict import predict_config
@@ -102,9 +103,9 @@ def test_transparent_pixels_are_shown_on_white(tmp_path):
 
 
 def test_predict_uses_the_data_packages_conversion():
-    import cnnlab.predict
+    import cnnlab.commands.predict
 
-    assert cnnlab.predict.load_image is load_image
+    assert cnnlab.commands.predict.load_image is load_image
 
 
 # --- classes and splits --------------------------------------------------------------------------------------------
@@ -440,7 +441,7 @@ def test_predict_converts_files_as_training_did(folder_run):
 
 
 def test_export_needs_only_the_checkpoint_of_a_folder_run(folder_run, tmp_path):
-    from cnnlab.export import export
+    from cnnlab.commands.export import export
     from tests.test_export import export_config
 
     root, run_dir, _ = folder_run
@@ -487,7 +488,7 @@ def test_train_script_reports_a_bad_image_by_path_with_exit_2(tmp_path):
 
 
 def test_folder_benchmark_writes_cifar_as_pngs_and_reports_every_measure(tmp_path):
-    from cnnlab.folder_benchmark import benchmark_folder
+    from cnnlab.tools.folder_benchmark import benchmark_folder
     from tests.conftest import make_cifar
 
     make_cifar(tmp_path / "data", n_train=200, n_test=50)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cnnlab.commands.train import train
 from cnnlab.errors import UserError
-from cnnlab.train import train
 from tests import test_finetune
 from tests.conftest import DDP_ON_CPU, compose_config, quick_run
 from tests.launch import run_script
@@ -120,8 +120,8 @@ def test_frozen_batchnorm_layers_that_sync_batchnorm_replaced_are_frozen_at_the_
     from lightning.pytorch.plugins import TorchSyncBatchNorm
     from torch import nn
 
-    from cnnlab.classifier import ImageClassifier
-    from cnnlab.finetune import FreezeModules
+    from cnnlab.training.classifier import ImageClassifier
+    from cnnlab.training.finetune import FreezeModules
 
     # A DDP run refuses SyncBatchNorm on CPUs, so the replacement is made here as trainer.sync_batchnorm=true makes
     # it, between the callback's setup (freeze_before_training) and the first training epoch.

@@ -1,7 +1,7 @@
 """The GPU path on a CUDA GPU: `pytest -m gpu` (scripts/gpu_check.py runs these and reports each outcome).
 
 Without a GPU every test here skips with one reason. Each one trains on the tiny generated datasets through the
-project's own path (cnnlab.train.train and the configs), so each takes seconds once CUDA is up; the CPU-side
+project's own path (cnnlab.commands.train.train and the configs), so each takes seconds once CUDA is up; the CPU-side
 counterparts of several of them are in tests/test_device_path.py.
 """
 
@@ -18,13 +18,14 @@ from PIL import Image
 from torch import Tensor, nn
 from torch._dynamo.utils import counters
 
-from cnnlab.checkpoints import classifier_from_checkpoint, data_config, load_checkpoint
+from cnnlab.checkpoints.load import data_config, load_checkpoint
 from cnnlab.cli import config_dir
+from cnnlab.commands.evaluate import evaluate, logits_and_labels
+from cnnlab.commands.export import export
+from cnnlab.commands.predict import predict
+from cnnlab.commands.train import train
 from cnnlab.data.tensor_loader import BatchTransform, EpochSampler, TensorLoader
-from cnnlab.evaluate import evaluate, logits_and_labels
-from cnnlab.export import export
-from cnnlab.predict import predict
-from cnnlab.train import train
+from cnnlab.training.classifier import classifier_from_checkpoint
 from tests.conftest import MODELS, compose_config, quick_run
 from tests.step_window import ForbidCudaSync
 

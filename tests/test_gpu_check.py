@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnlab.gpu_check import (
+from cnnlab.tools.gpu_check import (
     parse_junit,
     parse_peer_output,
     parse_pytest_log,

@@ -5,10 +5,10 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from cnnlab.conv_images import feature_map_grid, filter_grid, first_conv
-from cnnlab.inspect_model import layer_table
+from cnnlab.commands.train import train
 from cnnlab.models import LeNet5
-from cnnlab.train import train
+from cnnlab.tools.inspect_model import layer_table
+from cnnlab.training.conv_images import feature_map_grid, filter_grid, first_conv
 from tests.conftest import DATASETS, MODELS, compose_config, quick_run
 from tests.launch import run_script, tensorboard_events
 
@@ -50,7 +50,7 @@ def test_inspector_counts_lenet5_macs_and_receptive_fields():
 
 
 def test_inspector_flags_a_layer_whose_formula_disagrees(monkeypatch):
-    import cnnlab.inspect_model as inspector
+    import cnnlab.tools.inspect_model as inspector
 
     monkeypatch.setattr(inspector, "conv_output_size", lambda n, *a: tuple(v + 1 for v in n))
     rows = {r.name: r for r in layer_table(LeNet5(), (1, 28, 28))}

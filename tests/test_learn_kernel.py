@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cnnlab.errors import UserError
-from cnnlab.learn_kernel import learn_edge_kernel
+from cnnlab.tools.learn_kernel import learn_edge_kernel
 from tests.launch import run_script
 
 

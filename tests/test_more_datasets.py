@@ -8,11 +8,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
+from cnnlab.commands.train import train
+from cnnlab.commands.validation import check_model_fits_data
 from cnnlab.data import CIFAR100DataModule, FashionMNISTDataModule
 from cnnlab.data.formats import read_cifar_pickle, read_idx
 from cnnlab.errors import UserError
-from cnnlab.train import train
-from cnnlab.validation import check_model_fits_data
 from tests.conftest import (
     CIFAR100_COARSE,
     CIFAR100_FINE,

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from cnnlab.evaluate import evaluate
-from cnnlab.resume import resume_arguments
-from cnnlab.train import train
+from cnnlab.checkpoints.resume import resume_arguments
+from cnnlab.commands.evaluate import evaluate
+from cnnlab.commands.train import train
 from tests.conftest import compose_config, make_mnist
 
 # A LeNet-5 (BatchNorm on) run of 2 epochs, 16 steps, on make_mnist(n_train=300, n_test=100), written by the code

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from cnnlab.commands.evaluate import evaluate, resolve_checkpoints
+from cnnlab.commands.predict import predict, resolve_inputs
 from cnnlab.errors import UserError
-from cnnlab.evaluate import evaluate, resolve_checkpoints
-from cnnlab.predict import predict, resolve_inputs
 from cnnlab.writable_folders import writable_folder
 from tests.conftest import DDP_ON_CPU, make_cifar100, quick_run
 from tests.launch import script_env, script_path
@@ -109,6 +109,6 @@ def test_cifar100_under_two_processes_downloads_once_though_every_process_reads_
 def test_the_nan_check_reads_the_loss_every_step_on_the_cpu_and_only_there(device, free):
     # On an accelerator a read makes the host wait for the device; the tests of what the check then does replace
     # this decision to run on the CPU, so the decision itself is pinned here.
-    from cnnlab.stopping import StopOnNonFiniteLoss
+    from cnnlab.training.stopping import StopOnNonFiniteLoss
 
     assert StopOnNonFiniteLoss.reads_are_free(torch.device(device)) is free

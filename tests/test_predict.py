@@ -12,13 +12,14 @@ from hydra.utils import instantiate
 from PIL import Image
 from rich.console import Console
 
-from cnnlab import predict as predict_module
-from cnnlab.checkpoints import classifier_from_checkpoint, data_config, load_checkpoint
+from cnnlab.checkpoints.load import data_config, load_checkpoint
 from cnnlab.cli import config_dir
+from cnnlab.commands import predict as predict_module
+from cnnlab.commands.evaluate import logits_and_labels
+from cnnlab.commands.export import export
+from cnnlab.commands.predict import load_image, predict, progress_bar
 from cnnlab.errors import UserError
-from cnnlab.evaluate import logits_and_labels
-from cnnlab.export import export
-from cnnlab.predict import load_image, predict, progress_bar
+from cnnlab.training.classifier import classifier_from_checkpoint
 from tests.checkpoint_helpers import save_untrained_checkpoint
 from tests.conftest import CIFAR_CLASSES, compose_config, quick_run
 from tests.launch import run_script
@@ -329,7 +330,7 @@ def test_real_mnist_digits_saved_as_png_are_predicted_as_eval_predicts_them(real
     cfg = compose_config(
         quick_run(real_data, *steps, "trainer.limit_val_batches=1", "test=false", "logger=csv"), tmp_path / "run"
     )
-    from cnnlab.train import train
+    from cnnlab.commands.train import train
 
     train(cfg)
     ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"

@@ -16,12 +16,13 @@ import pytest
 import torch
 from torchvision.models import get_model, get_model_weights
 
-from cnnlab.checkpoints import classifier_from_checkpoint, load_checkpoint
+from cnnlab.checkpoints.load import load_checkpoint
+from cnnlab.commands.train import train
+from cnnlab.commands.validation import check_finetune, validate_config
 from cnnlab.errors import UserError
 from cnnlab.models import torchvision_net
-from cnnlab.pretrained import load_backbone, preprocessing_from_weights
-from cnnlab.train import train
-from cnnlab.validation import check_finetune, validate_config
+from cnnlab.training.classifier import classifier_from_checkpoint
+from cnnlab.training.pretrained import load_backbone, preprocessing_from_weights
 from tests.conftest import REPO, compose_config, make_image_folder, quick_run
 from tests.launch import run_script, script_env
 

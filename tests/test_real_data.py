@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 
+from cnnlab.commands.train import train
 from cnnlab.data.formats import read_cifar_pickle
-from cnnlab.train import train
 from tests.conftest import compose_config, quick_run
 from tests.launch import run_script
 

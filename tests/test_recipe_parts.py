@@ -17,16 +17,16 @@ from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from torch import nn
 
-from cnnlab.checkpoints import classifier_from_checkpoint, load_checkpoint
-from cnnlab.classifier import InferenceNet
+from cnnlab.checkpoints.load import load_checkpoint
+from cnnlab.checkpoints.resume import resume_arguments
+from cnnlab.commands.export_metadata import describe, description_from_onnx
+from cnnlab.commands.train import train
 from cnnlab.data.tensor_loader import BatchTransform, EpochSampler, TensorLoader
 from cnnlab.errors import UserError
-from cnnlab.export_metadata import describe, description_from_onnx
-from cnnlab.resume import resume_arguments
-from cnnlab.stopping import RunInterrupted
-from cnnlab.train import train
+from cnnlab.training.classifier import InferenceNet, classifier_from_checkpoint
 from cnnlab.training.lookahead import Lookahead
-from cnnlab.tta import tta_logits
+from cnnlab.training.stopping import RunInterrupted
+from cnnlab.training.tta import tta_logits
 from tests.conftest import compose_config, quick_run
 from tests.test_export import export_config
 from tests.test_predict import predict_config
@@ -165,9 +165,9 @@ def flip_translate_run(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
 
 
 def test_test_stage_eval_predict_and_export_score_the_same_slow_six_view_weights(flip_translate_run, tmp_path):
-    from cnnlab.evaluate import evaluate
-    from cnnlab.export import export
-    from cnnlab.predict import predict
+    from cnnlab.commands.evaluate import evaluate
+    from cnnlab.commands.export import export
+    from cnnlab.commands.predict import predict
 
     run_dir, metrics = flip_translate_run
     best = run_dir / "checkpoints" / "best.ckpt"
@@ -209,7 +209,7 @@ def test_test_stage_eval_predict_and_export_score_the_same_slow_six_view_weights
 
 
 def test_checkpoints_and_exports_from_before_the_tta_levels_keep_their_meaning(flip_translate_run, tmp_path):
-    from cnnlab.evaluate import evaluate
+    from cnnlab.commands.evaluate import evaluate
 
     run_dir, _ = flip_translate_run
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)

@@ -13,10 +13,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from cnnlab.checkpoint_io import atomic_torch_save
+from cnnlab.checkpoints.atomic_save import atomic_torch_save
+from cnnlab.checkpoints.resume import resume_arguments
+from cnnlab.commands.train import train
 from cnnlab.data.tensor_loader import BatchTransform, EpochSampler, TensorLoader
-from cnnlab.resume import resume_arguments
-from cnnlab.train import train
 from tests.conftest import compose_config, make_mnist, quick_run
 from tests.launch import run_script, start_script, tensorboard_scalars
 
@@ -71,7 +71,7 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_intact(tmp_path,
 def test_sigkill_while_writing_a_big_checkpoint_never_leaves_a_truncated_file(tmp_path):
     path = tmp_path / "last.ckpt"
     writer = (
-        "import sys, torch; from cnnlab.checkpoint_io import atomic_torch_save\n"
+        "import sys, torch; from cnnlab.checkpoints.atomic_save import atomic_torch_save\n"
         "w = torch.randn(16_000_000)\n"  # 64 MB: each save takes a while
         "for step in range(1000): atomic_torch_save({'step': step, 'w': w}, sys.argv[1])\n"
     )
@@ -309,7 +309,7 @@ def test_the_same_seed_gives_identical_metrics_on_cpu(tiny_data, tmp_path):
 
 
 def test_an_early_divergence_with_the_shipped_settings_leaves_last_ckpt_with_the_last_good_weights(tiny_data, tmp_path):
-    from cnnlab.stopping import NonFiniteLoss
+    from cnnlab.training.stopping import NonFiniteLoss
     from tests.test_train import RecordWeights
 
     cfg = compose_config(quick_run(tiny_data, "optimizer.lr=1e6"), tmp_path)
@@ -347,8 +347,8 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_keeps_the_last_g
 def test_on_an_accelerator_the_nan_check_reads_the_device_flag_rarely_and_never_lets_a_bad_step_be_saved(
     mnist_dir, tmp_path, monkeypatch, check_every, step_saves, message
 ):
-    from cnnlab.stopping import NonFiniteLoss, StopOnNonFiniteLoss
-    from cnnlab.train import train
+    from cnnlab.commands.train import train
+    from cnnlab.training.stopping import NonFiniteLoss, StopOnNonFiniteLoss
 
     # What a GPU run does: the CPU's free per-step read is turned off, so the loss is only read as the device would be.
     monkeypatch.setattr(StopOnNonFiniteLoss, "reads_are_free", staticmethod(lambda device: False))
@@ -379,7 +379,7 @@ def test_on_an_accelerator_the_nan_check_reads_the_device_flag_rarely_and_never_
 def test_on_an_accelerator_the_shipped_nan_check_reads_every_50_steps_and_at_each_epoch_end(
     tmp_path, monkeypatch, nan_at, read_at, kept
 ):
-    from cnnlab.stopping import NonFiniteLoss, StopOnNonFiniteLoss
+    from cnnlab.training.stopping import NonFiniteLoss, StopOnNonFiniteLoss
     from tests.ddp_helpers import NaNInputOnRank
 
     # What a GPU run does: the loss is read only as the device would be (every 50 steps, at each epoch end and
@@ -512,7 +512,7 @@ def test_bad_input_on_the_command_line_exits_without_a_traceback_and_leaves_no_r
 def test_the_trainer_profiles_only_when_asked(tiny_data, tmp_path):
     from lightning.pytorch.profilers import PassThroughProfiler, SimpleProfiler
 
-    from cnnlab.train import build_trainer
+    from cnnlab.commands.train import build_trainer
 
     assert type(build_trainer(compose_config(quick_run(tiny_data), tmp_path)).profiler) is PassThroughProfiler
     cfg = compose_config(quick_run(tiny_data, "trainer.profiler=simple"), tmp_path)

@@ -21,9 +21,10 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 
-from cnnlab.checkpoints import classifier_from_checkpoint, load_checkpoint
+from cnnlab.checkpoints.load import load_checkpoint
+from cnnlab.commands.train import train
 from cnnlab.errors import UserError
-from cnnlab.train import train
+from cnnlab.training.classifier import classifier_from_checkpoint
 from tests.conftest import DDP_ON_CPU, compose_config, make_mnist, quick_run
 from tests.launch import run_script, script_env, script_path, start_script, tensorboard_events, tensorboard_scalars
 from tests.test_export import export_config
@@ -56,7 +57,7 @@ def test_last_ckpt_is_the_newest_state_even_when_val_acc_stops_improving(real_sm
 
 
 def test_last_ckpt_is_refreshed_every_ten_minutes_of_training_within_an_epoch(tiny_data, tmp_path, monkeypatch):
-    import cnnlab.last_checkpoint as last_checkpoint
+    import cnnlab.training.last_checkpoint as last_checkpoint
 
     # Every training step takes 100 s of the clock the callback reads: the default 10 minutes pass every 6 steps.
     clock = {"now": 0.0}
@@ -205,9 +206,9 @@ def ema_run(real_small, tmp_path_factory):
 
 
 def test_test_stage_eval_predict_and_export_score_the_same_averaged_flip_averaged_weights(ema_run, tmp_path):
-    from cnnlab.evaluate import evaluate
-    from cnnlab.export import export
-    from cnnlab.predict import predict
+    from cnnlab.commands.evaluate import evaluate
+    from cnnlab.commands.export import export
+    from cnnlab.commands.predict import predict
 
     best = ema_run / "checkpoints" / "best.ckpt"
     ckpt = load_checkpoint(best)
@@ -247,7 +248,7 @@ def test_test_stage_eval_predict_and_export_score_the_same_averaged_flip_average
 
 
 def test_eval_reproduces_the_test_score_of_a_flip_tta_run_in_bf16(tiny_data, tmp_path):
-    from cnnlab.evaluate import evaluate
+    from cnnlab.commands.evaluate import evaluate
 
     overrides = quick_run(tiny_data, "tta=flip", "trainer.precision=bf16-mixed", model="resnet8", data="cifar10")
     metrics = train(compose_config([*overrides, "trainer.max_epochs=2"], tmp_path / "run"))
@@ -277,7 +278,7 @@ def test_evaluation_losses_are_plain_cross_entropy_whatever_the_label_smoothing(
 
 # --- a full disk ------------------------------------------------------------------------------------------------
 def test_a_checkpoint_write_that_fails_for_lack_of_space_stops_with_one_paragraph(tiny_data, tmp_path, monkeypatch):
-    import cnnlab.checkpoint_io as checkpoint_io
+    import cnnlab.checkpoints.atomic_save as checkpoint_io
 
     real_save, saves = torch.save, []
 
@@ -444,7 +445,7 @@ def test_different_seeds_give_independent_data_orders_and_augmentations():
 def test_ema_average_is_a_copy_then_follows_the_warmed_up_decay():
     import lightning as L
 
-    from cnnlab.ema import EMA
+    from cnnlab.training.ema import EMA
 
     class Scalar(L.LightningModule):
         def __init__(self):

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from cnnlab.commands.search import PruneOnValAcc, search
+from cnnlab.commands.train import train
 from cnnlab.errors import UserError
-from cnnlab.search import PruneOnValAcc, search
-from cnnlab.train import train
 from tests.conftest import compose_config, quick_run
 from tests.launch import run_script, start_script
 

@@ -17,9 +17,9 @@ from lightning.pytorch.callbacks import Callback
 from mlflow.tracking import MlflowClient
 
 from cnnlab.cli import config_dir
+from cnnlab.commands.export import export
+from cnnlab.commands.train import train
 from cnnlab.errors import UserError
-from cnnlab.export import export
-from cnnlab.train import train
 from tests.checkpoint_helpers import train_briefly
 from tests.conftest import compose_config, quick_run
 from tests.launch import run_script

@@ -53,7 +53,7 @@ def test_summarize_without_runs_says_so_with_exit_2(tmp_path):
 
 
 def test_summarize_outputs_ranks_every_run_below_it_single_runs_sweep_jobs_and_trials_alike(tmp_path):
-    from cnnlab.summarize import summarize
+    from cnnlab.commands.summarize import summarize
 
     outputs = tmp_path / "outputs"
     runs = {

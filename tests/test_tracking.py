@@ -18,8 +18,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
+from cnnlab.commands.train import train
 from cnnlab.errors import UserError
-from cnnlab.train import train
 from tests.conftest import compose_config, quick_run
 from tests.launch import free_port, run_script, tensorboard_events
 

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
-from cnnlab.train import build_classifier, train
+from cnnlab.commands.train import build_classifier, train
 from tests.conftest import DATASETS, MODELS, compose_config, make_cifar, make_mnist, quick_run
 from tests.launch import run_script, script_env, tensorboard_events, tensorboard_scalars
 
@@ -52,16 +52,16 @@ def test_env_record_names_versions_seed_and_data_checksums(finished_run):
     run_dir, _ = finished_run
     env = json.loads((run_dir / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["seed"] == 42
-    import cnnlab.run_record
+    import cnnlab.commands.run_record
 
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(cnnlab.run_record.__file__).parent,
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(cnnlab.commands.run_record.__file__).parent,
                           capture_output=True, text=True)  # fmt: skip
     assert env["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)  # this checkout's commit
     assert len(env["data_files_sha256"]) == 4 and all(len(v) == 64 for v in env["data_files_sha256"].values())
 
 
 def test_env_record_names_the_git_commit_and_whether_the_checkout_had_uncommitted_changes(tmp_path, monkeypatch):
-    import cnnlab.run_record as run_record
+    import cnnlab.commands.run_record as run_record
 
     checkout = tmp_path / "checkout"
     (checkout / "cnnlab").mkdir(parents=True)
@@ -109,7 +109,7 @@ def test_checkpoints_load_with_weights_only_and_hold_plain_hyperparameters(finis
 def test_hparams_tab_holds_a_curated_row_and_no_duplicate_scalars(finished_run):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    from cnnlab.run_record import HPARAMS_METRICS
+    from cnnlab.commands.run_record import HPARAMS_METRICS
 
     run_dir, metrics = finished_run
     events = tensorboard_events(run_dir)
@@ -236,7 +236,7 @@ def test_the_record_recipe_trains_as_shipped_on_real_images_without_a_validation
     validation step, last.ckpt at the end, the test stage on the final weights, whitening from the real images."""
     from hydra.utils import instantiate
 
-    from cnnlab.classifier import build_model
+    from cnnlab.training.classifier import build_model
 
     cfg = compose_config(
         ["experiment=cifar10_record", "trainer=cpu", f"data.data_dir={real_small}", "data.batch_size=64",
@@ -261,7 +261,7 @@ def test_the_record_recipe_trains_as_shipped_on_real_images_without_a_validation
 
 
 def test_progress_bar_reads_metrics_only_every_refresh_rate_steps(tiny_data, tmp_path, monkeypatch):
-    from cnnlab.progress import SparseRichProgressBar
+    from cnnlab.training.progress import SparseRichProgressBar
 
     reads = []
     monkeypatch.setattr(SparseRichProgressBar, "_update_metrics", lambda self, *args, **kwargs: reads.append(1))
@@ -323,7 +323,7 @@ def test_the_train_command_keeps_freed_memory_but_train_as_a_library_call_leaves
     assert kept["true"] >= 20 * 2**20 and kept["false"] < 10 * 2**20
     # train() called from another program, with the setting on: that program's allocator is its own business
     library_call = (
-        "import sys; from tests.conftest import compose_config; from cnnlab.train import train;"
+        "import sys; from tests.conftest import compose_config; from cnnlab.commands.train import train;"
         "train(compose_config(sys.argv[1:-1], sys.argv[-1]))"
     )
     out = tmp_path / "library.txt"

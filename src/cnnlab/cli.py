@@ -1,4 +1,4 @@
-"""Console entry points: thin Hydra wrappers around the plain functions in cnnlab.train and friends."""
+"""Console entry points: thin Hydra wrappers around the plain functions in cnnlab.commands.train and friends."""
 
 import argparse
 import ctypes
@@ -12,11 +12,11 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
+from cnnlab.checkpoints.resume import resume_arguments, resume_command
+from cnnlab.commands.validation import check_output_arguments, check_run_dir_argument
 from cnnlab.config_files import config_dir
 from cnnlab.errors import UserError
-from cnnlab.resume import resume_arguments, resume_command
-from cnnlab.stopping import RunInterrupted
-from cnnlab.validation import check_output_arguments, check_run_dir_argument
+from cnnlab.training.stopping import RunInterrupted
 
 # Lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates; it says nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -56,7 +56,7 @@ def keep_freed_memory() -> bool:
 def apply_process_settings(cfg: DictConfig) -> None:
     """What a training command sets for its whole process: the allocator (keep_freed_memory=true, the default).
 
-    Applied here, in the commands, and not by cnnlab.train.train: a library call must not change the allocator of
+    Applied here, in the commands, and not by train(cfg): a library call must not change the allocator of
     the program that calls it. Such a program can call keep_freed_memory() itself, or set glibc's tunables:
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824.
     """
@@ -117,8 +117,8 @@ def train_main() -> None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def hydra_train_main(cfg: DictConfig) -> float | None:
     """`cnnlab-train` / `python scripts/train.py`: train, test, and write the run directory."""
-    from cnnlab.sweep import in_multirun, refuse_local_distributed_sweep, run_recording_failure
-    from cnnlab.train import train
+    from cnnlab.commands.sweep import in_multirun, refuse_local_distributed_sweep, run_recording_failure
+    from cnnlab.commands.train import train
 
     apply_process_settings(cfg)
     if in_multirun():  # a failing job is recorded and the sweep goes on; the sweep's exit code reports it
@@ -132,7 +132,7 @@ def hydra_train_main(cfg: DictConfig) -> float | None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="benchmark")
 def benchmark_main(cfg: DictConfig) -> None:
     """`python scripts/benchmark.py`: images/s of the project's path against a plain loop, or time to accuracy."""
-    from cnnlab.benchmark import benchmark
+    from cnnlab.tools.benchmark import benchmark
 
     apply_process_settings(cfg)  # every path the benchmark times runs in this process, so all of them get it
     run_reporting_user_errors(benchmark, cfg)
@@ -141,7 +141,7 @@ def benchmark_main(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="benchmark_folder")
 def benchmark_folder_main(cfg: DictConfig) -> None:
     """`python scripts/benchmark_folder.py`: decode rate, cache loading and training speed of data=folder."""
-    from cnnlab.folder_benchmark import benchmark_folder
+    from cnnlab.tools.folder_benchmark import benchmark_folder
 
     apply_process_settings(cfg)
     run_reporting_user_errors(benchmark_folder, cfg)
@@ -150,7 +150,7 @@ def benchmark_folder_main(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="inspect_model")
 def inspect_main(cfg: DictConfig) -> None:
     """`python scripts/inspect_model.py model=... data=...`: the layer table of a model on a dataset's images."""
-    from cnnlab.inspect_model import inspect_model
+    from cnnlab.tools.inspect_model import inspect_model
 
     run_reporting_user_errors(inspect_model, cfg)
 
@@ -161,7 +161,7 @@ def search_main(cfg: DictConfig) -> float | None:
 
     def run_search(cfg: DictConfig) -> dict:
         try:
-            from cnnlab.search import search
+            from cnnlab.commands.search import search
         except ModuleNotFoundError as err:
             if err.name != "optuna":
                 raise
@@ -178,7 +178,7 @@ def summarize_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cnnlab-summarize", description=summarize_main.__doc__)
     parser.add_argument("dir", nargs="?", default="outputs", help="a sweep, search or outputs folder (default outputs)")
     args = parser.parse_args(argv)
-    from cnnlab.summarize import summarize
+    from cnnlab.commands.summarize import summarize
 
     run_reporting_user_errors(lambda _: summarize(Path(args.dir)), None)
 
@@ -199,7 +199,7 @@ def make_shapes_main(argv: list[str] | None = None) -> None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def eval_main(cfg: DictConfig) -> None:
     """`cnnlab-eval` / `python scripts/eval.py`: score checkpoints and write reports, figures and a ranking."""
-    from cnnlab.evaluate import evaluate
+    from cnnlab.commands.evaluate import evaluate
 
     run_reporting_user_errors(evaluate, cfg)
 
@@ -207,7 +207,7 @@ def eval_main(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
 def predict_main(cfg: DictConfig) -> None:
     """`cnnlab-predict` / `python scripts/predict.py`: classify image files with a checkpoint."""
-    from cnnlab.predict import predict
+    from cnnlab.commands.predict import predict
 
     run_reporting_user_errors(predict, cfg)
 
@@ -215,6 +215,6 @@ def predict_main(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
 def export_main(cfg: DictConfig) -> None:
     """`cnnlab-export` / `python scripts/export.py`: write a checkpoint's model as ONNX or TorchScript, verified."""
-    from cnnlab.export import export
+    from cnnlab.commands.export import export
 
     run_reporting_user_errors(export, cfg)

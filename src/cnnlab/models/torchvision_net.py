@@ -4,7 +4,7 @@ sized for another class count: the backbones a user's own images are fine-tuned 
 The network returned is torchvision's own module, built by `torchvision.models.get_model`, so its parameter names are
 those of torchvision's weight files (`conv1.weight`, `layer1.0.bn1.running_mean`, `fc.weight`) and every module name
 torchvision gives (`layer4`, `features.3`) can be frozen. It starts randomly initialized: the ImageNet weights are
-copied in by the code that starts training (cnnlab.pretrained), never here, so that rebuilding a trained network
+copied in by the code that starts training (training/pretrained.py), never here, so that rebuilding a trained network
 from its checkpoint, or on the meta device to check a config, reads no weights file.
 """
 
@@ -42,7 +42,7 @@ def torchvision_net(arch: str = "resnet18", num_classes: int = 1000, weights: st
         num_classes: outputs of the classifier head (the only layers whose shapes depend on it).
         weights: the name of the torchvision weights this network is fine-tuned from (IMAGENET1K_V1, DEFAULT, ...),
             or None to train from scratch. Checked against arch here; they decide the input size and normalization
-            the network expects, and cnnlab.pretrained loads them at the start of training.
+            the network expects, and cnnlab.training.pretrained loads them at the start of training.
     """
     weights_named(arch, weights)
     return get_model(arch, weights=None, num_classes=num_classes)

@@ -28,7 +28,7 @@ class Lookahead(WeightAveraging):
     after optimizer step t, when t is a multiple of update_every_n_steps, slow <- slow + (1 - d_t) * (fast - slow)
     and fast <- slow, with d_t = decay^update_every_n_steps * (t / T)^power over the run's T optimizer steps
     (counted as Lightning's global_step, so gradient accumulation counts optimizer steps, not batches). Like
-    cnnlab.ema.EMA, it leaves a checkpoint's state_dict in place outside fitting, so the test stage scores the slow
+    ema.EMA, it leaves a checkpoint's state_dict in place outside fitting, so the test stage scores the slow
     weights best.ckpt was chosen by.
 
     Args:

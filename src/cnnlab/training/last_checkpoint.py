@@ -15,7 +15,7 @@ its saved state. What it adds, and why:
 - A time interval together with the epoch ends. Lightning's `train_time_interval` replaces the epoch trigger, compares
   the clock across processes after every batch, and can fire after any batch of an accumulation window, leaving a
   checkpoint whose resumed run drops that window's gradients. Here the time is compared every few steps in a
-  multi-process run (cnnlab.ranks), and every save during an epoch waits for a batch that ended an optimizer step.
+  multi-process run (ranks.py), and every save during an epoch waits for a batch that ended an optimizer step.
 - The save of a stop. `stop_after_this_step` (Ctrl-C, SIGTERM) writes once every other callback has finished the
   step (the EMA's update included) and then raises the stop; on an epoch's last step, after the validation. `save()`
   writes now (a NaN loss caught before it touched the weights).
@@ -29,7 +29,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from cnnlab.ranks import agreement_due, any_rank
+from cnnlab.training.ranks import agreement_due, any_rank
 
 monotonic = time.monotonic  # the clock train_time_interval is measured on
 
@@ -41,7 +41,7 @@ class LastCheckpoint(ModelCheckpoint):
         dirpath: the checkpoint folder.
         every_n_train_steps: also write every this many optimizer steps; None: not by steps.
         train_time_interval: also write once this much training time has passed since the last write; None: not by
-            time. With several processes the time is compared every few steps (see cnnlab.ranks).
+            time. With several processes the time is compared every few steps (see cnnlab.training.ranks).
     """
 
     def __init__(

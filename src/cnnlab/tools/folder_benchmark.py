@@ -15,13 +15,13 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cnnlab.benchmark import _accelerator, _device, lightning_rate, print_result
+from cnnlab.commands.run_record import environment, write_json
+from cnnlab.commands.train import plain
 from cnnlab.config_files import config_dir
 from cnnlab.data.cifar import TRAIN_BATCHES
 from cnnlab.data.formats import read_cifar_batch, read_cifar_pickle, write_image_folder
 from cnnlab.errors import UserError
-from cnnlab.run_record import environment, write_json
-from cnnlab.train import plain
+from cnnlab.tools.benchmark import _accelerator, _device, lightning_rate, print_result
 
 # Keys the reference data config takes from the folder's, so that both train on the same batches.
 SHARED_KEYS = (

@@ -1,4 +1,4 @@
-"""Load a training checkpoint safely and rebuild its classifier and data configuration from it alone.
+"""Load a training checkpoint safely, and read its data configuration (training/classifier.py rebuilds the model).
 
 Checkpoints are read with `torch.load(weights_only=True)`: tensors, containers and plain values only. A file that
 would need arbitrary unpickling (which can run any code) is refused before anything in it executes. Every problem
@@ -134,27 +134,3 @@ def data_config(ckpt: dict[str, Any], overrides: dict[str, Any] | None = None, s
             f"{', '.join(sorted(stored))}."
         )
     return {**stored, **given}
-
-
-def classifier_from_checkpoint(ckpt: dict[str, Any], source: str = ""):
-    """The ImageClassifier a checkpoint describes, with its trained weights, in eval mode on the CPU."""
-    from cnnlab.classifier import ImageClassifier  # Lightning loads only once the file is known to be good
-    from cnnlab.tta import stored_tta
-
-    hparams = ckpt["hyper_parameters"]
-    keys = ("model", "optimizer", "scheduler", "data", "label_smoothing", "channels_last", "finetune")
-    try:  # tta: the level, or the one a checkpoint written before the levels meant by tta_flip
-        classifier = ImageClassifier(**{k: hparams[k] for k in keys if k in hparams}, tta=stored_tta(hparams))
-    except Exception as err:  # a stored config naming a class or argument this version does not have
-        raise UserError(
-            f"The model stored in checkpoint {source} cannot be rebuilt ({type(err).__name__}: {err}). It may come "
-            "from another version of cnnlab; evaluate it with that version."
-        ) from None
-    try:
-        classifier.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        raise UserError(
-            f"The weights in checkpoint {source} do not fit the model its hyper_parameters describe "
-            f"({str(err).splitlines()[0]}). The file was edited or is damaged; use another checkpoint."
-        ) from None
-    return classifier.eval()

@@ -36,7 +36,7 @@ def _megabytes(n: int) -> str:
 
 def disk_full(path: Path, err: BaseException) -> DiskFull | None:
     """The DiskFull paragraph for a failed write of path, or None when err is not about space."""
-    from cnnlab.resume import resume_command
+    from cnnlab.checkpoints.resume import resume_command
 
     usage = shutil.disk_usage(path.parent)
     out_of_space = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)

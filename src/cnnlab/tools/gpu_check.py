@@ -33,9 +33,9 @@ from typing import Any
 import torch
 
 from cnnlab.atomic_files import write_text_atomic
-from cnnlab.run_record import write_json
+from cnnlab.commands.run_record import write_json
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SRC, SCRIPTS, TESTS = REPO / "src", REPO / "scripts", REPO / "tests"
 
 # Seconds each part may take. Expected on one H100 (estimated, not yet measured): tests about 3 minutes (of it a
@@ -116,7 +116,7 @@ def model_macs(overrides: list[str]) -> int:
     from hydra.utils import instantiate
 
     from cnnlab.config_files import config_dir
-    from cnnlab.inspect_model import layer_table
+    from cnnlab.tools.inspect_model import layer_table
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="inspect_model", overrides=overrides)

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from rich.table import Table
 
-from cnnlab.resume import resume_command
+from cnnlab.checkpoints.resume import resume_command
 
 
 def short_name(target: str | None) -> str:

@@ -1,7 +1,7 @@
 """search(cfg): an Optuna hyperparameter search whose trials are ordinary training runs.
 
 Each trial composes train.yaml with the search's own overrides plus the sampled values (`optimizer.lr=0.0123`,
-`model=resnet8`), and runs `cnnlab.train.train` into `<search dir>/<trial number>/`, like a job of a `-m` sweep, so
+`model=resnet8`), and runs `train(cfg)` into `<search dir>/<trial number>/`, like a job of a `-m` sweep, so
 `scripts/summarize.py` ranks trials too. The trial's score is its best val/acc. A trial whose val/acc falls behind
 the others' at the same epoch is pruned: it stops training and is recorded as pruned. A trial that raises is recorded
 as failed (failed.json) and the study goes on.
@@ -25,10 +25,10 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from rich.console import Console
 from rich.table import Table
 
+from cnnlab.commands.run_record import write_json
+from cnnlab.commands.sweep import is_distributed, record_failure
 from cnnlab.data.prepare_once import prepare_once_per_machine
 from cnnlab.errors import UserError
-from cnnlab.run_record import write_json
-from cnnlab.sweep import is_distributed, record_failure
 
 MONITOR = "val/acc"
 STUDY_FILE = "study.db"
@@ -131,7 +131,7 @@ def counted(study: optuna.Study) -> list[FrozenTrial]:
 
 def make_objective(search_dir: Path, overrides: list[str], space: dict[str, dict[str, Any]]):
     """The function Optuna calls per trial: compose, train into <search dir>/<number>, return the best val/acc."""
-    from cnnlab.train import train
+    from cnnlab.commands.train import train
 
     def objective(trial: Trial) -> float:
         sampled = [f"{key}={suggest(trial, key, spec)}" for key, spec in space.items()]

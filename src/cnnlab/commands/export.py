@@ -1,11 +1,11 @@
 """export(cfg): write a checkpoint's model as ONNX or TorchScript and check it against PyTorch on a batch.
 
 The exported network is the classifier's evaluation path as a plain module (no Lightning): the model, and the test-time
-augmentation of the run's `tta` level too (cnnlab.tta), so an export computes what eval scored. Input `images`, a
+augmentation of the run's `tta` level too (training/tta.py), so an export computes what eval scored. Input `images`, a
 float32 batch normalized as the data config says (N x C x H x W, any N), output `logits`. ONNX uses the
 TorchScript-based exporter (`torch.onnx.export(dynamo=False)`): the newer torch.export-based one needs the separate
 `onnxscript` package and gives nothing this network needs. Both formats carry the description that
-cnnlab.export_metadata builds (input shape, mean, std, class names, TTA), so an export is usable without its
+cnnlab.commands.export_metadata builds (input shape, mean, std, class names, TTA), so an export is usable without its
 checkpoint. The file is written beside its final name and renamed into place only once its outputs match PyTorch's
 within the tolerance.
 """
@@ -22,10 +22,10 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from cnnlab.atomic_files import atomic_path
-from cnnlab.checkpoints import classifier_from_checkpoint, data_config, load_checkpoint
-from cnnlab.classifier import InferenceNet
+from cnnlab.checkpoints.load import data_config, load_checkpoint
+from cnnlab.commands.export_metadata import describe, onnx_metadata, torchscript_extra_files
 from cnnlab.errors import UserError
-from cnnlab.export_metadata import describe, onnx_metadata, torchscript_extra_files
+from cnnlab.training.classifier import InferenceNet, classifier_from_checkpoint
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 

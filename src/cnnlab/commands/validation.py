@@ -8,10 +8,10 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
+from cnnlab.checkpoints.resume import check_checkpoint_fits, resume_command
 from cnnlab.errors import UserError
-from cnnlab.pretrained import check_weights_file, model_weights
-from cnnlab.resume import check_checkpoint_fits, resume_command
-from cnnlab.tta import TTA_LEVELS
+from cnnlab.training.pretrained import check_weights_file, model_weights
+from cnnlab.training.tta import TTA_LEVELS
 from cnnlab.writable_folders import writable_folder
 
 
@@ -60,7 +60,7 @@ def check_split(cfg: DictConfig) -> None:
 
 def check_model_fits_data(cfg: DictConfig) -> None:
     """Build the model on the meta device (no memory, no weights) and push a batch of the data's shape through it."""
-    from cnnlab.classifier import build_model
+    from cnnlab.training.classifier import build_model
 
     shape, num_classes = tuple(cfg.data.image_shape), cfg.data.num_classes
     model_cfg = _plain(cfg.model)
@@ -203,9 +203,9 @@ def check_accelerator(cfg: DictConfig) -> None:
 
 def check_finetune(cfg: DictConfig) -> None:
     """freeze names parts of the model, and backbone_lr_scale is a sane factor (init_from is checked where it is
-    loaded, cnnlab.finetune.checkpoint_for_init)."""
-    from cnnlab.classifier import build_model
-    from cnnlab.finetune import frozen_modules
+    loaded, cnnlab.training.finetune.checkpoint_for_init)."""
+    from cnnlab.training.classifier import build_model
+    from cnnlab.training.finetune import frozen_modules
 
     scale = cfg.get("backbone_lr_scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:

@@ -17,7 +17,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from cnnlab.ops import UnfoldConv2d, conv_output_size, pool_output_size
-from cnnlab.pretrained import preprocessing_from_weights
+from cnnlab.training.pretrained import preprocessing_from_weights
 
 CONVS = (nn.Conv2d, UnfoldConv2d)
 POOLS = (nn.MaxPool2d, nn.AvgPool2d)

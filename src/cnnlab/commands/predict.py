@@ -25,14 +25,15 @@ from rich.table import Table
 from torch import Tensor
 
 from cnnlab.atomic_files import write_text_atomic
-from cnnlab.checkpoints import classifier_from_checkpoint, data_config, load_checkpoint
+from cnnlab.checkpoints.load import data_config, load_checkpoint
+from cnnlab.commands.devices import parse_device, pick_device
+from cnnlab.commands.export import SUFFIXES
+from cnnlab.commands.path_patterns import expand_paths
 from cnnlab.data.datamodule import ImageDataModule
 from cnnlab.data.images import IMAGE_SUFFIXES, load_image
 from cnnlab.data.tensor_loader import BatchTransform
-from cnnlab.devices import parse_device, pick_device
 from cnnlab.errors import UserError
-from cnnlab.export import SUFFIXES
-from cnnlab.path_patterns import expand_paths
+from cnnlab.training.classifier import classifier_from_checkpoint
 
 PROGRESS_MIN_BATCHES = 5  # fewer batches finish before a bar would say anything
 
@@ -129,7 +130,7 @@ def checkpoint_predictor(ckpt_path: str, device: str) -> Predictor:
 
 def onnx_predictor(onnx_path: str, device: str) -> Predictor:
     """An ONNX export in onnxruntime (CUDA execution provider when asked for and present), described by its metadata."""
-    from cnnlab.export_metadata import description_from_onnx
+    from cnnlab.commands.export_metadata import description_from_onnx
 
     try:
         import onnxruntime

@@ -19,8 +19,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from cnnlab.commands.run_record import write_json
 from cnnlab.errors import UserError
-from cnnlab.run_record import write_json
 
 FAILED_FILE = "failed.json"
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp", "deepspeed")

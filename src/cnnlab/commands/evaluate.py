@@ -21,11 +21,12 @@ from rich.table import Table
 from torch import Tensor
 
 from cnnlab.atomic_files import write_text_atomic
-from cnnlab.checkpoints import classifier_from_checkpoint, data_config, file_sha256, load_checkpoint
+from cnnlab.checkpoints.load import data_config, file_sha256, load_checkpoint
+from cnnlab.commands.devices import pick_device
+from cnnlab.commands.path_patterns import expand_paths
 from cnnlab.data.prepare_once import prepare_once_per_machine
-from cnnlab.devices import pick_device
 from cnnlab.errors import UserError
-from cnnlab.path_patterns import expand_paths
+from cnnlab.training.classifier import classifier_from_checkpoint
 
 SPLITS = ("test", "val")
 
@@ -179,8 +180,8 @@ def write_report(result: Evaluation, out_dir: Path) -> None:
     """metrics.json, confusion_matrix.png, misclassified.png, and the same numbers and figures in TensorBoard."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from cnnlab.figures import confusion_matrix_figure, figure_array, misclassified_figure, save_figure
-    from cnnlab.run_record import write_json
+    from cnnlab.commands.figures import confusion_matrix_figure, figure_array, misclassified_figure, save_figure
+    from cnnlab.commands.run_record import write_json
 
     split = result.metrics["split"]
     confusion_fig = confusion_matrix_figure(result.confusion, result.class_names)

@@ -16,11 +16,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from cnnlab.classifier import build_model, make_scheduler
+from cnnlab.commands.run_record import environment, process_start_time, write_json
+from cnnlab.commands.train import build_classifier, build_datamodule, build_trainer, plain
 from cnnlab.data.tensor_loader import BatchTransform
 from cnnlab.errors import UserError
-from cnnlab.run_record import environment, process_start_time, write_json
-from cnnlab.train import build_classifier, build_datamodule, build_trainer, plain
+from cnnlab.training.classifier import build_model, make_scheduler
 
 PATHS = ("lightning", "plain", "torchvision")
 

@@ -13,14 +13,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
-from cnnlab.checkpoint_io import DiskFull
-from cnnlab.classifier import ImageClassifier
-from cnnlab.console import RunHeader, parameter_count, print_summary
-from cnnlab.data.prepare_once import prepare_once_per_machine
-from cnnlab.last_checkpoint import LastCheckpoint
-from cnnlab.pretrained import model_weights, preprocessing_from_weights, start_from_weights
-from cnnlab.resume import load_resume_checkpoint
-from cnnlab.run_record import (
+from cnnlab.checkpoints.atomic_save import DiskFull
+from cnnlab.checkpoints.resume import load_resume_checkpoint
+from cnnlab.commands.console import RunHeader, parameter_count, print_summary
+from cnnlab.commands.run_record import (
     early_stopping_record,
     environment,
     hparams_row,
@@ -28,10 +24,20 @@ from cnnlab.run_record import (
     process_start_time,
     write_json,
 )
-from cnnlab.stopping import NonFiniteLoss, RunInterrupted
-from cnnlab.tracking import MLflowRunInCheckpoints, build_mlflow_logger, continued_run_id, finish_tracking, is_mlflow
+from cnnlab.commands.validation import resumes_in_place, validate_config, validate_model
+from cnnlab.data.prepare_once import prepare_once_per_machine
+from cnnlab.training.classifier import ImageClassifier
+from cnnlab.training.last_checkpoint import LastCheckpoint
+from cnnlab.training.pretrained import model_weights, preprocessing_from_weights, start_from_weights
 from cnnlab.training.step_clock import StepClock
-from cnnlab.validation import resumes_in_place, validate_config, validate_model
+from cnnlab.training.stopping import NonFiniteLoss, RunInterrupted
+from cnnlab.training.tracking import (
+    MLflowRunInCheckpoints,
+    build_mlflow_logger,
+    continued_run_id,
+    finish_tracking,
+    is_mlflow,
+)
 
 # What a run writes into its folder by these names (.hydra/ and train.log are Hydra's, rewritten by every run).
 RUN_OUTPUTS = ("checkpoints", "tensorboard", "csv", "metrics.json", "env.json")
@@ -83,7 +89,7 @@ def start_from(
         classifier.hparams["finetune"] = resumed["hyper_parameters"]["finetune"]
     if init is None:
         return None
-    from cnnlab.finetune import transfer_weights
+    from cnnlab.training.finetune import transfer_weights
 
     transfer = transfer_weights(classifier.model, init, source)
     classifier.hparams["finetune"]["fresh"] = transfer.fresh_parameters
@@ -142,7 +148,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     resumed = load_resume_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     init = None
     if cfg.get("init_from") and resumed is None:  # a resumed run's weights come from its own checkpoint
-        from cnnlab.finetune import checkpoint_for_init
+        from cnnlab.training.finetune import checkpoint_for_init
 
         init = checkpoint_for_init(cfg.init_from, plain(cfg.model))
     resume_step = resumed["global_step"] if resumed else None

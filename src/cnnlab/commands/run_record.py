@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
 from cnnlab.atomic_files import write_text_atomic
-from cnnlab.console import short_name
+from cnnlab.commands.console import short_name
 
 _IMPORTED_AT = time.time()  # process_start_time's answer where /proc cannot tell
 

@@ -20,8 +20,9 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from cnnlab.errors import UserError
 from cnnlab.training.param_groups import make_optimizer
-from cnnlab.tta import tta_logits
+from cnnlab.training.tta import stored_tta, tta_logits
 
 MIN_SCHEDULE_STEPS = 16
 
@@ -77,7 +78,7 @@ def replanned_scheduler(
 
 
 class InferenceNet(nn.Module):
-    """The classifier's evaluation path as a plain module, for export: the model at a TTA level (cnnlab.tta)."""
+    """The classifier's evaluation path as a plain module, for export: the model at a TTA level (tta.py)."""
 
     def __init__(self, model: nn.Module, tta: str) -> None:
         super().__init__()
@@ -124,10 +125,10 @@ class ImageClassifier(L.LightningModule):
             mean, std, class_names), so evaluation and prediction can rebuild the data path from a checkpoint alone.
         label_smoothing: cross-entropy label smoothing in [0, 1) of the training loss (evaluation losses are plain).
         channels_last: run the model and its inputs in channels-last memory format (faster convolutions).
-        tta: test-time augmentation level of evaluation (cnnlab.tta): none, flip (each image and its mirror image,
+        tta: test-time augmentation level of evaluation (tta.py): none, flip (each image and its mirror image,
             logits averaged; for flip-invariant data) or flip_translate (six views).
-        finetune: for a run started from another run's weights (cnnlab.finetune): `freeze`, the names of modules
-            whose parameters and BatchNorm statistics stay fixed while fitting (cnnlab.finetune.FreezeModules);
+        finetune: for a run started from another run's weights (finetune.py): `freeze`, the names of modules
+            whose parameters and BatchNorm statistics stay fixed while fitting (finetune.FreezeModules);
             `backbone_lr_scale`, the learning-rate factor of the carried-over weights; `fresh`, the names of the
             freshly initialized ones (filled in by train()).
     """
@@ -153,8 +154,8 @@ class ImageClassifier(L.LightningModule):
         self.train_sums = TrainingSums()
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        # cnnlab.train.build_classifier sets this when it compiles the model: evaluation batches are then marked as
-        # of any size, so one compiled graph serves the full batches and the smaller last one alike.
+        # build_classifier (commands/train.py) sets this when it compiles the model: evaluation batches are then
+        # marked as of any size, so one compiled graph serves the full batches and the smaller last one alike.
         self.dynamic_eval_batch = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -181,9 +182,9 @@ class ImageClassifier(L.LightningModule):
         self.train_sums.reset()
 
     def predict_logits(self, x: Tensor) -> Tensor:
-        """Logits for evaluation: of the images, or averaged over their views at the TTA level (cnnlab.tta).
+        """Logits for evaluation: of the images, or averaged over their views at the TTA level (tta.py).
 
-        The one inference path: validation, the test stage, eval, predict and export (cnnlab.export) all run it.
+        The one inference path: validation, the test stage, eval, predict and export (commands/export.py) all run it.
         """
         return tta_logits(self, x, self.hparams.get("tta", "none"))
 
@@ -232,7 +233,7 @@ class ImageClassifier(L.LightningModule):
         freeze = (self.hparams.get("finetune") or {}).get("freeze")
         if not freeze or self.trainer.state.fn != TrainerFn.FITTING:
             return []
-        from cnnlab.finetune import FreezeModules
+        from cnnlab.training.finetune import FreezeModules
 
         return [FreezeModules(freeze)]
 
@@ -259,3 +260,25 @@ class ImageClassifier(L.LightningModule):
             return {"optimizer": optimizer}
         # "name" is the key LearningRateMonitor logs the rate under.
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
+
+
+def classifier_from_checkpoint(ckpt: dict[str, Any], source: str = "") -> ImageClassifier:
+    """The ImageClassifier a checkpoint (loaded by cnnlab.checkpoints.load) describes, with its trained weights, in
+    eval mode on the CPU."""
+    hparams = ckpt["hyper_parameters"]
+    keys = ("model", "optimizer", "scheduler", "data", "label_smoothing", "channels_last", "finetune")
+    try:  # tta: the level, or the one a checkpoint written before the levels meant by tta_flip
+        classifier = ImageClassifier(**{k: hparams[k] for k in keys if k in hparams}, tta=stored_tta(hparams))
+    except Exception as err:  # a stored config naming a class or argument this version does not have
+        raise UserError(
+            f"The model stored in checkpoint {source} cannot be rebuilt ({type(err).__name__}: {err}). It may come "
+            "from another version of cnnlab; evaluate it with that version."
+        ) from None
+    try:
+        classifier.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise UserError(
+            f"The weights in checkpoint {source} do not fit the model its hyper_parameters describe "
+            f"({str(err).splitlines()[0]}). The file was edited or is damaged; use another checkpoint."
+        ) from None
+    return classifier.eval()

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from cnnlab.checkpoints import load_checkpoint
+from cnnlab.checkpoints.load import load_checkpoint
 from cnnlab.errors import UserError
 
 DROPPED = ("resume", "ckpt_path", "hydra.run.dir")  # set anew for the resumed run

@@ -15,9 +15,9 @@ from typing import Any
 from hydra.utils import instantiate
 
 import cnnlab
-from cnnlab.checkpoints import data_config, file_sha256
+from cnnlab.checkpoints.load import data_config, file_sha256
 from cnnlab.errors import UserError
-from cnnlab.tta import stored_tta
+from cnnlab.training.tta import stored_tta
 
 TORCHSCRIPT_FILE = "cnnlab.json"  # the name of the description inside a TorchScript file (_extra_files)
 INPUT = "images: float32 N x C x H x W, (pixel / 255 - mean) / std per channel; grayscale (C=1) or RGB (C=3)"
@@ -37,7 +37,7 @@ def describe(ckpt: dict[str, Any], checkpoint_path: str | Path) -> dict[str, Any
         "mean": [float(m) for m in datamodule.mean],  # per channel, of pixels scaled to [0, 1]
         "std": [float(s) for s in datamodule.std],
         "class_names": [str(name) for name in datamodule.class_names],  # logit i is class_names[i]
-        "tta": stored_tta(ckpt["hyper_parameters"]),  # the test-time augmentation inside the graph (cnnlab.tta)
+        "tta": stored_tta(ckpt["hyper_parameters"]),  # the test-time augmentation in the graph
         "input": INPUT,
         "output": "logits: float32 N x num_classes (softmax gives probabilities)",
         "cnnlab_version": cnnlab.__version__,

@@ -1,6 +1,6 @@
 """Stopping a run without losing it: Ctrl-C / SIGTERM save last.ckpt and stop; a NaN or inf loss stops at once.
 
-In a run of several processes every process stops at the same step (cnnlab.ranks), whichever of them saw the signal
+In a run of several processes every process stops at the same step (ranks.py), whichever of them saw the signal
 or the NaN, so none is left waiting for the others in a gradient all-reduce.
 """
 
@@ -17,8 +17,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from cnnlab.errors import UserError
-from cnnlab.last_checkpoint import owner
-from cnnlab.ranks import agreement_due, any_rank
+from cnnlab.training.last_checkpoint import owner
+from cnnlab.training.ranks import agreement_due, any_rank
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -43,11 +43,11 @@ class GracefulStop(Callback):
 
     Lightning's own handling (KeyboardInterrupt at an arbitrary point, SIGTERM raised between batches without a
     checkpoint) can stop inside an optimizer step and saves nothing; this waits for the step to end. The save and the
-    stop are left to last.ckpt's owner (cnnlab.last_checkpoint), which Lightning calls after every other callback:
+    stop are left to last.ckpt's owner (last_checkpoint.py), which Lightning calls after every other callback:
     the saved state holds the step's EMA update and other callbacks' work, a whole gradient-accumulation window, and
     on an epoch's last step the epoch's validation. A second Ctrl-C stops at once. Every process of a distributed run
     installs the handler; a signal that reaches only one of them (SIGTERM to the launching process) stops all of them
-    within `cnnlab.ranks.AGREE_EVERY_N_STEPS` steps.
+    within `cnnlab.training.ranks.AGREE_EVERY_N_STEPS` steps.
     """
 
     def __init__(self) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
-from cnnlab.checkpoints import load_checkpoint
+from cnnlab.checkpoints.load import load_checkpoint
 from cnnlab.errors import UserError
 
 
