@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from cnnlab.commands.devices import pick_device
 from cnnlab.commands.evaluate import evaluate, resolve_checkpoints
 from cnnlab.commands.predict import predict, resolve_inputs
 from cnnlab.errors import UserError
 from cnnlab.writable_folders import writable_folder
-from tests.conftest import DDP_ON_CPU, make_cifar100, quick_run
+from tests.conftest import DDP_ON_CPU, compose_config, make_cifar100, quick_run
 from tests.launch import script_env, script_path
 from tests.test_evaluate import eval_config
 from tests.test_predict import predict_config
@@ -52,6 +53,21 @@ def test_eval_and_predict_take_the_same_device_strings_and_refuse_a_missing_devi
     else:
         assert (outcomes["eval"] == "ran") == present(device), outcomes["eval"]
         assert outcomes["eval"] == "ran" or outcomes["eval"].startswith(f"device={device}, but PyTorch sees")
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps", "gpu", "cuda:x"])
+def test_the_benchmark_refuses_a_device_as_eval_does(tiny_data, tmp_path, device):
+    from cnnlab.tools.benchmark import benchmark
+
+    cfg = compose_config(quick_run(tiny_data, f"device={device}", "steps=2", "warmup_steps=1"), tmp_path,
+                         config_name="benchmark")  # fmt: skip
+    if device not in ("gpu", "cuda:x") and present(device):
+        pytest.skip(f"this machine has {device}")
+    with pytest.raises(UserError) as benchmarked:
+        benchmark(cfg)
+    with pytest.raises(UserError) as evaluated:
+        pick_device(device)
+    assert str(benchmarked.value) == str(evaluated.value)
 
 
 # --- one resolver of files, folders and glob patterns -------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
+from cnnlab.commands.devices import pick_device
 from cnnlab.commands.run_record import environment, process_start_time, write_json
 from cnnlab.commands.train import build_classifier, build_datamodule, build_trainer, plain
 from cnnlab.data.tensor_loader import BatchTransform
@@ -53,7 +54,10 @@ def _on_device(cfg: DictConfig) -> DictConfig:
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         if cfg.device != "auto":
-            cfg.trainer.accelerator = {"cuda": "gpu"}.get(cfg.device, cfg.device)
+            device = pick_device(cfg.device)
+            cfg.trainer.accelerator = {"cuda": "gpu"}.get(device.type, device.type)
+            if device.index is not None:
+                cfg.trainer.devices = [device.index]  # cuda:1: the same GPU as the plain loop
     return cfg
 
 
@@ -126,11 +130,8 @@ def plain_rate(
 
 
 def _device(cfg: DictConfig) -> torch.device:
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("device=cuda was asked for, but PyTorch sees no CUDA device here. Use device=cpu.")
-        return torch.device("cuda")
-    return torch.device("cpu")
+    """The device of the plain loop: the one eval and predict would pick for the same `device=` value."""
+    return pick_device(cfg.device)
 
 
 def peak_memory_mb(device: torch.device) -> float:
