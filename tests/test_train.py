@@ -205,7 +205,7 @@ def test_every_shipped_experiment_trains_as_shipped_on_cpu(full_split_data, tmp_
     assert last["global_step"] == steps
     assert last["hyper_parameters"]["model"] == OmegaConf.to_container(cfg.model, resolve=True)
     if experiment.startswith("mnist") or experiment.startswith("lenet5"):
-        assert metrics["test_acc"] >= 0.9  # the tiny digits' patterns are learnt: 180 of the 200 at least
+        assert round(200 * metrics["test_acc"]) >= 180  # the tiny digits' patterns are learnt: 180 of 200 at least
     if experiment != "cifar10_fast":
         assert all(torch.equal(last["state_dict"][k], v) for k, v in weights.after_step[steps].items())
         return
