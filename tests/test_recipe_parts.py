@@ -21,15 +21,14 @@ from cnnlab.checkpoints.load import load_checkpoint
 from cnnlab.checkpoints.resume import resume_arguments
 from cnnlab.commands.export_metadata import describe, description_from_onnx
 from cnnlab.commands.train import train
-from cnnlab.data.tensor_loader import BatchTransform, EpochSampler, TensorLoader
+from cnnlab.data.tensor_loader import BatchTransform
 from cnnlab.errors import UserError
 from cnnlab.training.classifier import InferenceNet, classifier_from_checkpoint
 from cnnlab.training.lookahead import Lookahead
 from cnnlab.training.stopping import RunInterrupted
 from cnnlab.training.tta import tta_logits
 from tests.conftest import compose_config, quick_run
-from tests.test_export import export_config
-from tests.test_predict import predict_config
+from tests.inference_path import assert_one_inference_path
 
 LOOKAHEAD = "+callbacks.lookahead._target_=cnnlab.training.lookahead.Lookahead"
 
@@ -111,30 +110,6 @@ def test_alternating_flip_is_refused_on_the_torchvision_loader(tiny_data, tmp_pa
     assert "data.flip=alternating needs data.loader=tensor" in str(raised.value.__cause__)
 
 
-def test_a_restored_tensor_loader_serves_the_rest_of_an_odd_epoch_exactly_with_reflection_and_alternating_flip():
-    images = torch.randint(0, 255, (100, 1, 8, 8), dtype=torch.uint8)
-    labels = torch.arange(100)
-
-    def loader() -> TensorLoader:
-        transform = BatchTransform((0.5,), (0.5,), crop_padding=2, flip="alternating", crop_pad_mode="reflect")
-        return TensorLoader(images, labels, 16, EpochSampler(100, True, seed=3), transform)
-
-    full = loader()
-    full.sampler.set_epoch(3)
-    expected = list(full)
-    first = loader()
-    first.sampler.set_epoch(3)
-    it = iter(first)
-    for _ in range(3):
-        next(it)
-    resumed = loader()  # a new process: epoch 0 until the checkpoint says otherwise
-    resumed.load_state_dict(first.state_dict())
-    rest = list(resumed)
-    assert len(rest) == len(expected) - 3
-    for (x, y), (x_ref, y_ref) in zip(rest, expected[3:], strict=True):
-        assert torch.equal(y, y_ref) and torch.equal(x, x_ref)
-
-
 # --- test-time augmentation ------------------------------------------------------------------------------------------
 def test_flip_translate_tta_is_the_weighted_mean_of_six_views():
     torch.manual_seed(0)
@@ -165,47 +140,17 @@ def flip_translate_run(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
 
 
 def test_test_stage_eval_predict_and_export_score_the_same_slow_six_view_weights(flip_translate_run, tmp_path):
-    from cnnlab.commands.evaluate import evaluate
-    from cnnlab.commands.export import export
-    from cnnlab.commands.predict import predict
-
     run_dir, metrics = flip_translate_run
     best = run_dir / "checkpoints" / "best.ckpt"
     ckpt = load_checkpoint(best)
-    assert ckpt["hyper_parameters"]["tta"] == "flip_translate"
     slow, fast = ckpt["state_dict"], ckpt["current_model_state"]
     assert any(not torch.equal(slow[k], fast[k]) for k in slow)  # the two differ, so scoring the wrong one shows
-    evaluated = evaluate(compose_config([f"ckpt_path={best}"], tmp_path / "eval", config_name="eval"))
-    assert evaluated["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-6)
-    assert evaluated["test_loss"] == pytest.approx(metrics["test_loss"], abs=1e-5)
-
-    datamodule = instantiate(ckpt["hyper_parameters"]["data"])
-    datamodule.setup()
-    images = datamodule.splits["test"][0][:16]
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i, image in enumerate(images):
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:02d}.png")
-    predicted = predict(predict_config(f"ckpt_path={best}", f"inputs={folder}"))
-    classifier = classifier_from_checkpoint(ckpt)
-    batch = datamodule.batch_transform(augment=False)(images)
-    with torch.inference_mode():
-        logits = classifier.predict_logits(batch)
-    for row, p in zip(predicted["predictions"], logits.softmax(1), strict=True):
-        assert row["classes"][0] == datamodule.class_names[int(p.argmax())]
-        assert row["probabilities"][0] == pytest.approx(float(p.max()), abs=1e-5)
-
-    exported = export(export_config(f"ckpt_path={best}", f"output={tmp_path / 'm.onnx'}"))
-    assert exported["tta"] == "flip_translate" and exported["max_abs_diff"] <= 1e-4
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(exported["output"], providers=["CPUExecutionProvider"])
-    got = session.run(["logits"], {"images": batch.numpy()})[0]
-    assert np.abs(got - logits.numpy()).max() <= 1e-4
-    meta = session.get_modelmeta().custom_metadata_map
-    assert description_from_onnx(meta, exported["output"])["tta"] == "flip_translate"
+    scored = assert_one_inference_path(best, metrics, tmp_path, tta="flip_translate")
+    meta = scored["session"].get_modelmeta().custom_metadata_map
+    assert description_from_onnx(meta, scored["export"]["output"])["tta"] == "flip_translate"
     with torch.inference_mode():  # the six views are in the graph: the flip level alone gives other logits
-        assert np.abs(got - tta_logits(classifier, batch, "flip").numpy()).max() > 1e-4
+        flip_only = tta_logits(scored["classifier"], scored["batch"], "flip").numpy()
+    assert np.abs(scored["onnx_logits"] - flip_only).max() > 1e-4
 
 
 def test_checkpoints_and_exports_from_before_the_tta_levels_keep_their_meaning(flip_translate_run, tmp_path):

@@ -108,20 +108,28 @@ def test_every_checkpoint_a_run_writes_is_a_temporary_file_in_its_folder_renamed
 
 
 # --- exact resume ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("augment", [False, True])
-def test_a_restored_tensor_loader_serves_the_rest_of_the_epoch_exactly(augment):
+@pytest.mark.parametrize(
+    ("augment", "epoch"),
+    [
+        ({}, 2),
+        ({"crop_padding": 2, "flip": True}, 2),
+        ({"crop_padding": 2, "flip": "alternating", "crop_pad_mode": "reflect"}, 3),  # an odd epoch: flips reversed
+    ],
+    ids=["plain", "crop-flip", "reflect-alternating"],
+)
+def test_a_restored_tensor_loader_serves_the_rest_of_the_epoch_exactly(augment, epoch):
     images = torch.randint(0, 255, (100, 1, 8, 8), dtype=torch.uint8)
     labels = torch.arange(100)
 
     def loader() -> TensorLoader:
-        transform = BatchTransform((0.5,), (0.5,), crop_padding=2 if augment else 0, flip=augment)
+        transform = BatchTransform((0.5,), (0.5,), **augment)
         return TensorLoader(images, labels, 16, EpochSampler(100, True, seed=3), transform)
 
     full = loader()
-    full.sampler.set_epoch(2)
+    full.sampler.set_epoch(epoch)
     expected = list(full)
     first = loader()
-    first.sampler.set_epoch(2)
+    first.sampler.set_epoch(epoch)
     it = iter(first)
     for _ in range(3):
         next(it)

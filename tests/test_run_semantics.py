@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -26,9 +25,8 @@ from cnnlab.commands.train import train
 from cnnlab.errors import UserError
 from cnnlab.training.classifier import classifier_from_checkpoint
 from tests.conftest import DDP_ON_CPU, compose_config, make_mnist, quick_run
+from tests.inference_path import assert_one_inference_path
 from tests.launch import run_script, script_env, script_path, start_script, tensorboard_events, tensorboard_scalars
-from tests.test_export import export_config
-from tests.test_predict import predict_config
 
 SMALL = ["data.val_size=100", "data.download=false", "trainer=cpu"]  # what a few hundred images force
 
@@ -208,45 +206,10 @@ def ema_run(real_small, tmp_path_factory):
 
 
 def test_test_stage_eval_predict_and_export_score_the_same_averaged_flip_averaged_weights(ema_run, tmp_path):
-    from cnnlab.commands.evaluate import evaluate
-    from cnnlab.commands.export import export
-    from cnnlab.commands.predict import predict
-
     best = ema_run / "checkpoints" / "best.ckpt"
-    ckpt = load_checkpoint(best)
-    assert ckpt["hyper_parameters"]["tta"] == "flip" and "current_model_state" in ckpt
+    assert "current_model_state" in load_checkpoint(best)  # the raw weights ride along; state_dict is the average
     train_metrics = json.loads((ema_run / "metrics.json").read_text())
-    evaluated = evaluate(compose_config([f"ckpt_path={best}"], tmp_path / "eval", config_name="eval"))
-    assert evaluated["test_acc"] == pytest.approx(train_metrics["test_acc"], abs=1e-6)
-    assert evaluated["test_loss"] == pytest.approx(train_metrics["test_loss"], abs=1e-5)
-
-    # predict on the first test images, written as PNG files: the same classes as the averaged, flip-averaged model
-    from PIL import Image
-
-    datamodule = instantiate(ckpt["hyper_parameters"]["data"])
-    datamodule.setup()
-    images = datamodule.splits["test"][0][:16]
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i, image in enumerate(images):
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:02d}.png")
-    predicted = predict(predict_config(f"ckpt_path={best}", f"inputs={folder}"))
-    classifier = classifier_from_checkpoint(ckpt)
-    with torch.inference_mode():
-        probabilities = classifier.predict_logits(datamodule.batch_transform(augment=False)(images)).softmax(1)
-    for row, p in zip(predicted["predictions"], probabilities, strict=True):
-        assert row["classes"][0] == datamodule.class_names[int(p.argmax())]
-        assert row["probabilities"][0] == pytest.approx(float(p.max()), abs=1e-5)
-
-    exported = export(export_config(f"ckpt_path={best}", f"output={tmp_path / 'm.onnx'}"))
-    assert exported["tta"] == "flip"
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(exported["output"], providers=["CPUExecutionProvider"])
-    batch = datamodule.batch_transform(augment=False)(images)
-    got = session.run(["logits"], {"images": batch.numpy()})[0]
-    with torch.inference_mode():
-        assert np.abs(got - classifier.predict_logits(batch).numpy()).max() <= 1e-4
+    assert_one_inference_path(best, train_metrics, tmp_path, tta="flip")
 
 
 def test_eval_reproduces_the_test_score_of_a_flip_tta_run_in_bf16(tiny_data, tmp_path):
