@@ -22,13 +22,9 @@ from cnnlab.commands.train import build_classifier, build_datamodule, build_trai
 from cnnlab.data.tensor_loader import BatchTransform
 from cnnlab.errors import UserError
 from cnnlab.training.classifier import build_model, make_scheduler
+from cnnlab.training.step_clock import wait_for
 
 PATHS = ("lightning", "plain", "torchvision")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class StepTimer(L.Callback):
@@ -39,13 +35,13 @@ class StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.warmup_steps and self.start is None:
-            _sync(pl_module.device)
+            wait_for(pl_module.device)
             self.start = time.perf_counter()
         if self.start is not None:
             self.images += len(batch[1])
 
     def images_per_second(self, device: torch.device) -> float:
-        _sync(device)
+        wait_for(device)
         return self.images / (time.perf_counter() - self.start)
 
 
@@ -113,7 +109,7 @@ def plain_rate(
     start = None
     for step in range(cfg.warmup_steps + cfg.steps):
         if step == cfg.warmup_steps:
-            _sync(device)
+            wait_for(device)
             start = time.perf_counter()
         i = (step * batch_size) % (n - batch_size + 1)
         idx = order[i : i + batch_size]
@@ -125,7 +121,7 @@ def plain_rate(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-    _sync(device)
+    wait_for(device)
     return cfg.steps * batch_size / (time.perf_counter() - start)
 
 

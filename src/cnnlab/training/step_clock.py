@@ -9,7 +9,8 @@ import torch
 clock = time.perf_counter  # the clock the steps are timed on
 
 
-def _sync(device: torch.device) -> None:
+def wait_for(device: torch.device) -> None:
+    """Wait until the device has finished the work queued so far (a no-op on the CPU), to read a clock after it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -30,7 +31,7 @@ class StepClock(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.started is None:
-            _sync(pl_module.device)
+            wait_for(pl_module.device)
             self.started = clock()
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -45,6 +46,6 @@ class StepClock(L.Callback):
     def _close(self, pl_module: L.LightningModule) -> None:
         if self.started is None:
             return
-        _sync(pl_module.device)
+        wait_for(pl_module.device)
         self.seconds += clock() - self.started
         self.started = None
