@@ -22,7 +22,8 @@ class StepClock(L.Callback):
     per-step hooks (with a compiled model, the first step's compilation too). What it leaves out: reading and
     preparing the data, building the model, the sanity check, validation and the checkpoints written at epoch ends
     (Lightning runs those after the last step's end), and the test. On a GPU the clock waits for the device at the
-    two ends of each stretch of steps only, never inside one.
+    two ends of each stretch of steps only, never inside one. Lightning's Timer callback times whole stages (its
+    training time holds the validation that runs inside each epoch), so it cannot give the steps alone.
     """
 
     def __init__(self) -> None:
