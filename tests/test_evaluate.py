@@ -61,6 +61,15 @@ def test_eval_on_the_val_split_reproduces_the_best_val_accuracy(trained_run, tmp
     assert metrics["samples"] == 100  # data.val_size of the training run, read from the checkpoint
 
 
+def test_eval_on_an_empty_val_split_is_refused_in_one_paragraph(trained_run, tmp_path):
+    """A run trained on all its images (data.val_size=0, as experiment=cifar10_record) has no validation images."""
+    run_dir, _ = trained_run
+    config = eval_config(tmp_path, f"ckpt_path={run_dir}/checkpoints/best.ckpt", "split=val", "+data.val_size=0")
+    with pytest.raises(UserError, match=r"split=val holds no images.*data.val_size=0.*split=test") as err:
+        evaluate(config)
+    assert "\n" not in str(err.value)
+
+
 def test_metrics_json_holds_top5_per_class_scores_and_the_checkpoint_hash(trained_run, evaluated):
     (run_dir, _), (eval_dir, metrics) = trained_run, evaluated
     written = json.loads((eval_dir / "metrics.json").read_text())

@@ -148,6 +148,12 @@ def evaluate_checkpoint(
     """Score one checkpoint on cfg.split, on device."""
     datamodule.setup("test")
     classifier = classifier_from_checkpoint(ckpt, str(path))
+    if not len(datamodule.splits[cfg.split][1]):
+        raise UserError(
+            f"split={cfg.split} holds no images for {path}: its data config has data.val_size=0, which trains on "
+            "every training image and keeps none for validation. Score it with split=test, or pass data.val_size=N "
+            "to hold N images out (they were trained on, so their score flatters the model)."
+        )
     loader = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
     precision = run_precision(ckpt, str(cfg.precision))
     logits, labels = logits_and_labels(classifier, loader, device, precision)

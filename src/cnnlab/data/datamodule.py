@@ -159,6 +159,10 @@ class ImageDataModule(L.LightningDataModule):
         self.rank, self.world_size = rank, world_size
         self.discover()  # a DataModule built without train() (tests, notebooks) finds its values here
         self.splits = {split: (x.to(device), y.to(device)) for split, (x, y) in self.load_splits().items()}
+        if self.trainer is not None and not len(self.splits["val"][1]):
+            # No validation split (val_size=0 trains on every image): the Trainer skips the validation loop and its
+            # sanity check rather than running them over an empty loader and warning about it.
+            self.trainer.limit_val_batches = 0
 
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         """train, val and test on the CPU: the training files split by val_size and split_seed, and the test files."""
