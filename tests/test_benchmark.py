@@ -1,12 +1,16 @@
 """scripts/benchmark.py runs and reports what it promises (never a time: timings belong to the benchmark itself)."""
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from cnnlab.tools.benchmark import benchmark
 from tests.conftest import compose_config, quick_run
+from tests.launch import run_script, script_env
 
 
 def bench_config(tiny_data, tmp_path, *extra):
@@ -63,3 +67,22 @@ def test_plain_loop_transforms_every_batch_as_the_projects_path_does(tiny_data, 
     assert len(calls) == cfg.warmup_steps + cfg.steps  # one transform per step, none before the loop
     assert set(calls) == {(torch.uint8, cfg.data.crop_padding, True)}  # uint8 in, cropped and flipped
     assert result["same_work"]["augment"] is True and result["same_work"]["cudnn_benchmark"] is False
+
+
+def test_plain_mnist_loop_trains_lenet5_and_prints_its_test_accuracy(tiny_data, tmp_path):
+    result = run_script("plain_mnist", "--data", str(tiny_data), "--epochs", "3", "--batch-size", "32", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    accuracy = float(re.fullmatch(r"test accuracy (\d\.\d{4})\n", result.stdout).group(1))
+    assert accuracy > 0.5  # ten learnable class patterns: chance is 0.1
+
+
+def test_plain_mnist_loop_loads_no_framework():
+    """The reference loop pays for torch alone, as a hand-written loop does: the comparison is fair to it."""
+    code = "import sys, cnnlab.tools.plain_mnist; print(' '.join(sorted(sys.modules)))"
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=script_env()
+        ).stdout.split()
+    )
+    assert "torch" in loaded
+    assert not loaded & {"lightning", "hydra", "omegaconf", "torchvision", "torchmetrics", "tensorboard", "matplotlib"}

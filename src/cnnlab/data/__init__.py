@@ -1,15 +1,23 @@
-"""Datasets: on-disk readers, DataModules, and the tensor-resident loader."""
+"""Datasets: on-disk readers, DataModules, and the tensor-resident loader.
 
-from cnnlab.data.cifar import CIFAR10DataModule, CIFAR100DataModule
-from cnnlab.data.datamodule import ImageDataModule
-from cnnlab.data.folder import FolderDataModule
-from cnnlab.data.mnist import FashionMNISTDataModule, MNISTDataModule
+The DataModules are imported on first use (PEP 562), so a reader such as `cnnlab.data.formats` loads without
+Lightning.
+"""
 
-__all__ = [
-    "CIFAR10DataModule",
-    "CIFAR100DataModule",
-    "FashionMNISTDataModule",
-    "FolderDataModule",
-    "ImageDataModule",
-    "MNISTDataModule",
-]
+from importlib import import_module
+
+_MODULES = {
+    "CIFAR10DataModule": "cifar",
+    "CIFAR100DataModule": "cifar",
+    "FashionMNISTDataModule": "mnist",
+    "FolderDataModule": "folder",
+    "ImageDataModule": "datamodule",
+    "MNISTDataModule": "mnist",
+}
+__all__ = sorted(_MODULES)
+
+
+def __getattr__(name: str):
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_MODULES[name]}"), name)
