@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from cnnlab.commands.train import build_classifier, train
 from tests.conftest import DATASETS, MODELS, compose_config, make_cifar, make_mnist, quick_run
-from tests.launch import run_script, script_env, tensorboard_events, tensorboard_scalars
+from tests.launch import run_script, script_env, script_path, tensorboard_events, tensorboard_scalars
 
 
 @pytest.mark.parametrize("data", DATASETS)
@@ -393,3 +393,24 @@ def test_mnist_fast_trains_in_the_precision_this_cpu_runs_fastest(tmp_path):
     cfg = compose_config(["experiment=mnist_fast", "trainer=cpu"], tmp_path)
     assert cfg.trainer.precision == cpu_precision()
     assert build_trainer(cfg).precision == cpu_precision()
+
+
+RUN_AND_LIST_MODULES = """
+import runpy, sys
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path(sys.argv.pop(1), run_name="__main__")
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_a_training_run_imports_no_tracking_export_or_search_library(tiny_data, tmp_path):
+    """MLflow, ONNX, Optuna and W&B cost seconds of import; a run that logs to TensorBoard uses none of them."""
+    args = quick_run(tiny_data, "experiment=mnist_fast", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}")
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_AND_LIST_MODULES, script_path("train"), *args],
+        capture_output=True, text=True, env=script_env(), cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = set(result.stdout.split())
+    assert "lightning" in loaded  # the run did run here
+    assert not loaded & {"mlflow", "optuna", "onnx", "onnxruntime", "onnxscript", "wandb"}
