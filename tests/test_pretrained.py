@@ -199,3 +199,15 @@ def test_eval_predict_and_export_work_on_the_fine_tuned_checkpoint_without_the_w
     assert evaluated["test_acc"] == pytest.approx(metrics["test_acc"])
     assert len((tmp_path / "preds.csv").read_text().splitlines()) == 1 + len(list(folder.iterdir()))
     assert "N x 3 x 64 x 64" in Path(done[2]["log"]).read_text() and (tmp_path / "model.onnx").is_file()
+
+
+def test_the_config_target_names_the_builder_even_after_its_module_is_imported():
+    """`_target_: cnnlab.models.torchvision_net` (configs and stored checkpoints) is the function, not the module
+    Python binds to the package's attribute when the submodule is imported first."""
+    code = (
+        "import cnnlab.models.torchvision_net, cnnlab.training.pretrained\n"
+        "from hydra.utils import get_method\n"
+        "print(get_method('cnnlab.models.torchvision_net').__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=script_env())
+    assert result.returncode == 0 and result.stdout.split() == ["torchvision_net"], result.stderr[-2000:]

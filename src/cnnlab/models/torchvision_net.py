@@ -8,16 +8,25 @@ copied in by the code that starts training (training/pretrained.py), never here,
 from its checkpoint, or on the meta device to check a config, reads no weights file.
 """
 
-import torchvision.models
+from typing import TYPE_CHECKING
+
 from torch import nn
-from torchvision.models import Weights, get_model, get_model_weights, list_models
+
+if TYPE_CHECKING:
+    from torchvision.models import Weights
+
+# torchvision is imported inside the functions, when a network is built: importing it costs seconds (it loads
+# torch._dynamo), and LeNet-5 or the plain loop in cnnlab.tools.plain_mnist import this package without needing it.
 
 # Their forward returns a tuple with auxiliary classifiers' logits while training, not one tensor of logits.
 AUXILIARY_OUTPUTS = ("googlenet", "inception_v3")
 
 
-def weights_named(arch: str, weights: str | None) -> Weights | None:
+def weights_named(arch: str, weights: str | None) -> "Weights | None":
     """The torchvision weights `weights` (e.g. IMAGENET1K_V1, DEFAULT) of architecture arch; None for None."""
+    import torchvision.models
+    from torchvision.models import get_model_weights, list_models
+
     if arch not in list_models(module=torchvision.models) or arch in AUXILIARY_OUTPUTS:
         raise ValueError(
             f"arch={arch!r} is not a torchvision classification model; choose one of "
@@ -44,5 +53,7 @@ def torchvision_net(arch: str = "resnet18", num_classes: int = 1000, weights: st
             or None to train from scratch. Checked against arch here; they decide the input size and normalization
             the network expects, and cnnlab.training.pretrained loads them at the start of training.
     """
+    from torchvision.models import get_model
+
     weights_named(arch, weights)
     return get_model(arch, weights=None, num_classes=num_classes)
