@@ -288,7 +288,8 @@ class Check:
         if recipe == "cifar10_fast":
             cmd.append("trainer=gpu")  # as README.md runs the recipe: bf16, cuDNN autotuning
         elif not self.tiny:
-            cmd.append("trainer.accelerator=gpu")  # mnist_fast keeps its float32 default trainer, on the GPU
+            # mnist_fast on the GPU in float32: its ${cpu_precision:} follows the host CPU's instructions
+            cmd += ["trainer.accelerator=gpu", "trainer.precision=32-true"]
         cmd += [f"data.data_dir={self.data}", "data.download=false", f"hydra.run.dir={run_dir}"]
         if self.tiny:
             cmd += TINY_TRAIN + (TINY_RESNET if recipe == "cifar10_fast" else [])
