@@ -368,6 +368,11 @@ def call_in_process(step: Step, sandbox: Path, number: int) -> tuple[Any, list[s
 
         getattr(cli, step.script.removesuffix(".py") + "_main")(step.args)
         return None, []
+    if step.script == "plain_mnist.py":  # the plain loop has its own argparse main, outside the CLI and its imports
+        from cnnlab.tools.plain_mnist import main
+
+        main(step.args)
+        return None, []
     config, target = ENTRY[step.script]
     module, name = target.split(":")
     run_dir = next((a.split("=", 1)[1] for a in step.args if a.startswith("hydra.run.dir=")), None)
@@ -493,6 +498,11 @@ def check_prints_config(sandbox: Path, result: Result) -> None:
 def check_run_written(sandbox: Path, result: Result) -> None:
     (run,) = result.created
     assert metrics_of(Path(run))["status"] == "finished"
+
+
+def check_plain_loop(sandbox: Path, result: Result) -> None:
+    accuracy = float(re.search(r"test accuracy (\d\.\d{4})", result.output).group(1))
+    assert accuracy > 0.3  # 3 epochs on the sandbox's 300 MNIST-format images of ten learnable patterns
 
 
 def check_early_stopping(sandbox: Path, result: Result) -> None:
@@ -658,6 +668,7 @@ CHECKS = {  # a command as shown (or a Python block's page and section) -> what 
     "python scripts/learn_kernel.py": check_edge_kernel,
     "python scripts/benchmark.py model=lenet5 data=mnist device=cpu": check_benchmark("benchmark.json"),
     "python scripts/benchmark.py experiment=mnist_fast target_acc=0.99": check_benchmark("benchmark.json"),
+    "python scripts/plain_mnist.py --data data": check_plain_loop,
     "python scripts/benchmark_folder.py data=folder data.data_dir=/tmp/cifar10-png data.val_size=5000 "
     "make_from=<data>/cifar-10-batches-py reference_data_dir=<data> model=lenet5 device=cpu repeats=8 steps=150": (
         check_benchmark("benchmark_folder.json")
