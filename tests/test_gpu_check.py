@@ -198,7 +198,7 @@ def test_tiny_rehearsal_runs_every_part_and_writes_both_reports(tiny_data, tmp_p
     tests = result["tests"]["tests"]
     assert len(tests) >= 20 and {t["outcome"] for t in tests} == {"skipped"}  # no GPU: every GPU test skips
     assert {t["message"] for t in tests} == {"needs a CUDA GPU (run `pytest -m gpu` on a machine with one)"}
-    for recipe, seeds in (("mnist_fast", [42]), ("cifar10_fast", [42, 1])):
+    for recipe, seeds in (("mnist_fast", [42]), ("cifar10_record", [42, 1])):
         run = result["recipes"][recipe]
         assert run["returncode"] == 0 and run["seeds"] == seeds
         written = [json.loads((out / "runs" / recipe / f"seed{s}" / "metrics.json").read_text()) for s in seeds]
@@ -218,11 +218,38 @@ def test_tiny_rehearsal_runs_every_part_and_writes_both_reports(tiny_data, tmp_p
     assert peer_run["returncode"] == 0 and peer_run["runs"] == [{"test_acc": 0.93, "seconds": 4.0}]
     assert not list(REPO.glob("cifar10")) and (out / "runs" / "peer" / "saw_data").is_file()  # run in its own folder
     versus = peer_comparison(result)
-    assert versus["points_behind_peer"] == pytest.approx(100 * (0.93 - result["recipes"]["cifar10_fast"]["test_acc"]))
-    assert versus["time_ratio"] == pytest.approx(result["recipes"]["cifar10_fast"]["train_seconds"] / 4.0, abs=1e-3)
+    assert versus["points_behind_peer"] == pytest.approx(100 * (0.93 - result["recipes"]["cifar10_record"]["test_acc"]))
+    assert versus["time_ratio"] == pytest.approx(result["recipes"]["cifar10_record"]["train_seconds"] / 4.0, abs=1e-3)
     text = (out / "gpu_check.md").read_text()
-    assert "a CPU rehearsal" in text and "## Benchmark" in text and "| cifar10_fast | 42, 1 |" in text
+    assert "a CPU rehearsal" in text and "## Benchmark" in text and "| cifar10_record | 42, 1 |" in text
     assert "## Beside the peer" in text and "time ratio project/peer" in text
+
+
+@NEEDS_NO_GPU
+def test_parts_runs_only_the_parts_asked_for_and_the_report_names_the_others(tiny_data, tmp_path):
+    out = tmp_path / "check"
+    peer = write_fake_peer(tmp_path / "peer.py", acc=0.93, seconds=4.0)
+    done = run_check(
+        "--data", str(tiny_data), "--out", str(out), "--device", "cpu", "--tiny", "--peer", peer, "--parts", "peer"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert result["status"] == "passed" and result["peer"]["runs"] == [{"test_acc": 0.93, "seconds": 4.0}]
+    assert result["recipes"] == {} and result["tests"] is None and result["benchmark"] is None
+    assert result["not_asked"] == ["mnist_fast", "cifar10_record", "benchmark", "tests"]
+    assert not (out / "runs" / "cifar10_record").exists() and "not asked (--parts)" in done.stdout
+    report = (out / "gpu_check.md").read_text()
+    assert "Parts left out by `--parts`: mnist_fast, cifar10_record, benchmark, tests." in report
+
+
+@pytest.mark.parametrize("parts", ["peer,cifar10_fast", ","])
+def test_parts_that_name_no_part_stop_the_check_in_one_paragraph(tiny_data, tmp_path, parts):
+    done = run_check("--data", str(tiny_data), "--out", str(tmp_path / "out"), "--device", "cpu", "--parts", parts)
+    assert done.returncode == 2
+    message = done.stderr.strip()
+    assert message.startswith(f"--parts {parts.strip(',')} names no part") and "\n" not in message
+    assert "mnist_fast, cifar10_record, peer, benchmark, tests" in message and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def write_fake_peer(path: Path, acc: float, seconds: float) -> str:
