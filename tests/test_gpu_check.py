@@ -6,14 +6,17 @@ orchestration (subprocesses, JUnit parsing, run directories, both reports) on ti
 
 import json
 import os
+import pickle
 import subprocess
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from cnnlab.tools.gpu_check import (
+    cifar_with_string_keys,
     parse_junit,
     parse_peer_output,
     parse_pytest_log,
@@ -253,15 +256,19 @@ def test_parts_that_name_no_part_stop_the_check_in_one_paragraph(tiny_data, tmp_
 
 
 def write_fake_peer(path: Path, acc: float, seconds: float) -> str:
-    """A stand-in for airbench94: checks the data folder it is given and prints its table's rows, warm-up first."""
+    """A stand-in for airbench94: reads the data folder it is given as airbench94 does (pickles decoded as latin-1,
+    string keys, as in the official archive) and prints its table's rows, warm-up first."""
     head = "|  run   |  epoch  |  train_loss  |  train_acc  |  val_acc  |  tta_val_acc  |  total_time_seconds  |"
     epoch = "|  {run:>6}  |      0  |      2.0000  |     0.3000  |   0.2000  |               |    1.0000  |"
     final = f"|        |   eval  |      1.0000  |     0.6000  |   0.5000  |       {acc:.4f}  |    {seconds:.4f}  |"
     path.write_text(
         textwrap.dedent(
             f"""
-            import os, pathlib
-            assert pathlib.Path(os.environ["CIFAR_ROOT"], "data_batch_1").is_file()
+            import os, pathlib, pickle
+            for name in ["data_batch_1", "test_batch"]:
+                with open(pathlib.Path(os.environ["CIFAR_ROOT"], name), "rb") as f:
+                    batch = pickle.load(f, encoding="latin1")
+                assert len(batch["data"]) == len(batch["labels"]) > 0
             pathlib.Path("saw_data").touch()
             print({head!r})
             runs = ["warmup"] * (os.environ.get("WARMUP", "1") == "1") + list(range(int(os.environ["RUNS"])))
@@ -273,6 +280,20 @@ def write_fake_peer(path: Path, acc: float, seconds: float) -> str:
         )
     )
     return str(path)
+
+
+def test_the_peer_gets_cifar_batches_with_string_keys_and_the_data_folder_is_left_alone(tiny_data, tmp_path):
+    source = tiny_data / "cifar-10-batches-py"
+    before = {f.name: f.read_bytes() for f in source.iterdir()}
+    copy = cifar_with_string_keys(source, tmp_path / "peer_data")
+    assert copy == tmp_path / "peer_data" and {f.name: f.read_bytes() for f in source.iterdir()} == before
+    assert sorted(f.name for f in copy.iterdir()) == sorted(before)
+    for name in ("data_batch_1", "test_batch"):
+        original = pickle.loads(before[name])
+        keyed = pickle.loads((copy / name).read_bytes(), encoding="latin1")
+        assert set(keyed) == {key.decode() for key in original} and all(isinstance(k, str) for k in keyed)
+        assert np.array_equal(keyed["data"], original[b"data"]) and keyed["labels"] == original[b"labels"]
+    assert cifar_with_string_keys(copy, tmp_path / "again") == copy and not (tmp_path / "again").exists()
 
 
 def test_the_peers_table_gives_each_timed_run_without_its_warm_up_run():

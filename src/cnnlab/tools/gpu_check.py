@@ -21,6 +21,7 @@ run with this interpreter and this source tree's src/ put in front of PYTHONPATH
 import argparse
 import json
 import os
+import pickle
 import platform
 import re
 import shutil
@@ -229,6 +230,30 @@ def run_logged(
     return run
 
 
+def cifar_with_string_keys(source: Path, folder: Path) -> Path:
+    """The CIFAR-10 folder to hand the peer: `source` itself when its batches have string keys, as the official
+    archive's do once read as latin-1; otherwise a copy in `folder` with the keys made strings.
+
+    The project reads either kind, but airbench94 looks its batches up by string keys only, and a copy rebuilt by
+    Python 3 (`pickle.dumps({b"data": ...})`, as the project's own tiny datasets and some offline kits write it)
+    has byte keys. The pixels and labels are copied unchanged; `source` is left as it is.
+    """
+    batches = sorted(source.glob("*_batch*"))
+    with open(batches[0], "rb") as f:
+        if all(isinstance(key, str) for key in pickle.load(f, encoding="latin1")):
+            return source
+    folder.mkdir(parents=True, exist_ok=True)
+    for batch in batches:
+        with open(batch, "rb") as f:
+            record = pickle.load(f, encoding="latin1")
+        keyed = {key.decode() if isinstance(key, bytes) else key: value for key, value in record.items()}
+        (folder / batch.name).write_bytes(pickle.dumps(keyed, protocol=2))
+    for other in source.iterdir():
+        if other.is_file() and not (folder / other.name).exists():
+            shutil.copy(other, folder / other.name)
+    return folder
+
+
 def fresh_dir(path: Path) -> Path:
     """An empty run directory (a rerun into the same --out must not find an earlier run's checkpoints)."""
     shutil.rmtree(path, ignore_errors=True)
@@ -351,7 +376,8 @@ class Check:
             return
         folder = fresh_dir(self.out / "runs" / "peer")
         folder.mkdir(parents=True)
-        env = {"CIFAR_ROOT": str(self.data / "cifar-10-batches-py"), "RUNS": str(PEER_RUNS)}
+        cifar = cifar_with_string_keys(self.data / "cifar-10-batches-py", fresh_dir(self.out / "runs" / "peer_data"))
+        env = {"CIFAR_ROOT": str(cifar), "RUNS": str(PEER_RUNS)}
         if self.tiny:
             env.update(RUNS="1", WARMUP="0")
         run = run_logged(
