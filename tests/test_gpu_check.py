@@ -245,12 +245,19 @@ def test_parts_runs_only_the_parts_asked_for_and_the_report_names_the_others(tin
     assert "Parts left out by `--parts`: mnist_fast, cifar10_record, benchmark, tests." in report
 
 
-@pytest.mark.parametrize("parts", ["peer,cifar10_fast", ","])
-def test_parts_that_name_no_part_stop_the_check_in_one_paragraph(tiny_data, tmp_path, parts):
+@pytest.mark.parametrize(
+    "parts, why",
+    [
+        ("peer,cifar10_fast", "cifar10_fast is not a part"),
+        ("peer, tests,gpu,plain", "gpu, plain are not a part"),
+        (",", "it names no part"),
+    ],
+)
+def test_parts_that_name_no_part_stop_the_check_in_one_paragraph(tiny_data, tmp_path, parts, why):
     done = run_check("--data", str(tiny_data), "--out", str(tmp_path / "out"), "--device", "cpu", "--parts", parts)
     assert done.returncode == 2
     message = done.stderr.strip()
-    assert message.startswith(f"--parts {parts.strip(',')} names no part") and "\n" not in message
+    assert message.startswith(f"--parts '{parts}': {why} of the check.") and "\n" not in message
     assert "mnist_fast, cifar10_record, peer, benchmark, tests" in message and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
 

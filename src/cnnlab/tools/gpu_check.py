@@ -723,19 +723,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--parts",
-        type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
         help=f"the parts to run, comma-separated, of: {', '.join(BUDGETS)} (default: all)",
     )
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help=argparse.SUPPRESS)  # tests only
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests only: tiny data and runs
     args = parser.parse_args(argv)
-    unknown = [part for part in args.parts or [] if part not in BUDGETS]
-    if unknown or args.parts == []:
+    parts = None if args.parts is None else [part.strip() for part in args.parts.split(",") if part.strip()]
+    unknown = [part for part in parts or [] if part not in BUDGETS]
+    if unknown or parts == []:
+        what = "it names no part"
+        if unknown:
+            what = f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a part"
         print(
-            f"--parts {','.join(args.parts)} names no part of the check"
-            + (f" ({', '.join(unknown)} is not one)" if unknown else "")
-            + f". The parts are: {', '.join(BUDGETS)}; give one or more of them, comma-separated, or leave --parts "
-            "out to run them all.",
+            f"--parts {args.parts!r}: {what} of the check. The parts are: {', '.join(BUDGETS)}; give one or "
+            "more of them, comma-separated, or leave --parts out to run them all.",
             file=sys.stderr,
         )
         return 2
@@ -761,4 +762,4 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    return Check(args.data, args.out, args.device, args.tiny, args.peak_tflops, args.peer, args.parts).run()
+    return Check(args.data, args.out, args.device, args.tiny, args.peak_tflops, args.peer, parts).run()
