@@ -7,6 +7,7 @@ orchestration (subprocesses, JUnit parsing, run directories, both reports) on ti
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import textwrap
 from pathlib import Path
@@ -220,6 +221,7 @@ def test_tiny_rehearsal_runs_every_part_and_writes_both_reports(tiny_data, tmp_p
     peer_run = result["peer"]
     assert peer_run["returncode"] == 0 and peer_run["runs"] == [{"test_acc": 0.93, "seconds": 4.0}]
     assert not list(REPO.glob("cifar10")) and (out / "runs" / "peer" / "saw_data").is_file()  # run in its own folder
+    assert not (out / "runs" / "peer_data").exists()  # the peer's string-keyed copy goes once the peer has run
     versus = peer_comparison(result)
     assert versus["points_behind_peer"] == pytest.approx(100 * (0.93 - result["recipes"]["cifar10_record"]["test_acc"]))
     assert versus["time_ratio"] == pytest.approx(result["recipes"]["cifar10_record"]["train_seconds"] / 4.0, abs=1e-3)
@@ -249,7 +251,7 @@ def test_parts_runs_only_the_parts_asked_for_and_the_report_names_the_others(tin
     "parts, why",
     [
         ("peer,cifar10_fast", "cifar10_fast is not a part"),
-        ("peer, tests,gpu,plain", "gpu, plain are not a part"),
+        ("peer, tests,gpu,plain,gpu", "gpu, plain are not parts"),
         (",", "it names no part"),
     ],
 )
@@ -260,6 +262,40 @@ def test_parts_that_name_no_part_stop_the_check_in_one_paragraph(tiny_data, tmp_
     assert message.startswith(f"--parts '{parts}': {why} of the check.") and "\n" not in message
     assert "mnist_fast, cifar10_record, peer, benchmark, tests" in message and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_parts_asking_for_the_peer_without_its_path_stop_the_check_in_one_paragraph(tiny_data, tmp_path):
+    done = run_check("--data", str(tiny_data), "--out", str(tmp_path / "out"), "--device", "cpu", "--parts", "peer")
+    assert done.returncode == 2
+    message = done.stderr.strip()
+    assert message.startswith("--parts asks for the peer, but no --peer was given") and "\n" not in message
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+@NEEDS_NO_GPU
+def test_a_cifar_batch_the_peer_copy_cannot_read_fails_the_peer_part_alone(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
+    out = tmp_path / "check"
+    peer = write_fake_peer(tmp_path / "peer.py", acc=0.93, seconds=4.0)
+    done = run_check(
+        "--data", str(data), "--out", str(out), "--device", "cpu", "--tiny", "--peer", peer, "--parts", "peer,tests"
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert result["status"] == "failed" and result["tests"]["counts"]["skipped"] > 0  # the check went on
+    assert result["peer"]["returncode"] != 0 and "test_batch" in result["peer"]["log_tail"]
+    assert any(line.startswith("peer: exit code") for line in problems(result))
+    assert "Traceback" not in done.stderr
+
+
+def test_the_peer_copy_holds_the_six_batches_alone(tiny_data, tmp_path):
+    source = tmp_path / "cifar"
+    shutil.copytree(tiny_data / "cifar-10-batches-py", source)
+    (source / "data_batch_1.bak").write_bytes(b"a stray file, not a pickle")
+    copy = cifar_with_string_keys(source, tmp_path / "peer_data")
+    assert sorted(f.name for f in copy.iterdir()) == sorted([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])
 
 
 def write_fake_peer(path: Path, acc: float, seconds: float) -> str:
@@ -294,7 +330,7 @@ def test_the_peer_gets_cifar_batches_with_string_keys_and_the_data_folder_is_lef
     before = {f.name: f.read_bytes() for f in source.iterdir()}
     copy = cifar_with_string_keys(source, tmp_path / "peer_data")
     assert copy == tmp_path / "peer_data" and {f.name: f.read_bytes() for f in source.iterdir()} == before
-    assert sorted(f.name for f in copy.iterdir()) == sorted(before)
+    assert sorted(f.name for f in copy.iterdir()) == sorted(n for n in before if "_batch" in n)
     for name in ("data_batch_1", "test_batch"):
         original = pickle.loads(before[name])
         keyed = pickle.loads((copy / name).read_bytes(), encoding="latin1")
