@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cnnlab.checkpoints.resume import resume_command
+from cnnlab.checkpoints.run_folder import run_checkpoint
 
 
 def short_name(target: str | None) -> str:
@@ -78,12 +79,11 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def next_commands(run_dir: Path, best_checkpoint: str | None) -> list[str]:
-    """What a person does next with this run: eval and predict on best.ckpt, or on last.ckpt (the final weights)
-    when no checkpoint was chosen by validation (data.val_size=0)."""
+def next_commands(run_dir: Path) -> list[str]:
+    """What a person does next with this run: eval and predict on the checkpoint the run folder stands for (best.ckpt,
+    or last.ckpt, the final weights, where no checkpoint was chosen by validation)."""
     commands = [f"tensorboard --logdir {run_dir / 'tensorboard'}"]
-    last = run_dir / "checkpoints" / "last.ckpt"
-    scored = best_checkpoint or (str(last) if last.is_file() else None)
+    scored = run_checkpoint(run_dir)
     if scored:
         commands.append(f"python scripts/eval.py ckpt_path={scored}")
         commands.append(f"python scripts/predict.py ckpt_path={scored} inputs=<image file or folder>")
@@ -100,5 +100,5 @@ def print_summary(console: Console, run_dir: Path, metrics: dict[str, Any]) -> N
     for name, value in summary_rows(metrics):
         table.add_row(name, value)
     console.print(table)
-    commands = next_commands(run_dir, metrics.get("best_checkpoint"))
+    commands = next_commands(run_dir)
     console.print("Next:\n" + "\n".join(f"  {c}" for c in commands), markup=False, highlight=False, soft_wrap=True)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from cnnlab.atomic_files import write_text_atomic
 from cnnlab.checkpoints.load import data_config, file_sha256, load_checkpoint
+from cnnlab.checkpoints.run_folder import run_folder_checkpoints, why
 from cnnlab.commands.devices import pick_device
 from cnnlab.commands.path_patterns import expand_paths
 from cnnlab.data.prepare_once import prepare_once_per_machine
@@ -43,18 +44,16 @@ class Evaluation:
 
 
 def resolve_checkpoints(spec: str | list[str]) -> list[Path]:
-    """Checkpoint files from a path, a glob, a run or multirun directory (every checkpoints/best.ckpt below it)."""
+    """Checkpoint files from a path, a glob, a run or multirun directory (each run's checkpoint, by
+    cnnlab.checkpoints.run_folder's rule: best.ckpt where the run has one, else last.ckpt; each printed)."""
 
-    def best_below(folder: Path) -> list[Path]:
-        below = sorted(folder.rglob("checkpoints/best.ckpt"))
-        if not below:
-            raise UserError(
-                f"ckpt_path={folder} is a directory without any checkpoints/best.ckpt below it. Give a .ckpt "
-                "file, a run directory (outputs/train/<time>) or a multirun directory."
-            )
-        return below
+    def runs_below(folder: Path) -> list[Path]:
+        found = run_folder_checkpoints(folder)
+        for checkpoint in found:
+            print(f"ckpt_path={folder} -> {why(checkpoint)}")
+        return found
 
-    return list(dict.fromkeys(p.resolve() for p in expand_paths(spec, "ckpt_path", "Checkpoint", best_below)))
+    return list(dict.fromkeys(p.resolve() for p in expand_paths(spec, "ckpt_path", "Checkpoint", runs_below)))
 
 
 def build_datamodule(ckpt: dict[str, Any], overrides: dict[str, Any], source: Path):

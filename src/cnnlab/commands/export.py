@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from cnnlab.atomic_files import atomic_path
 from cnnlab.checkpoints.load import data_config, load_checkpoint
+from cnnlab.checkpoints.run_folder import checkpoint_file
 from cnnlab.commands.export_metadata import describe, onnx_metadata, torchscript_extra_files
 from cnnlab.errors import UserError
 from cnnlab.training.classifier import InferenceNet, classifier_from_checkpoint
@@ -97,8 +98,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                 "format=onnx needs the onnx and onnxruntime packages (to write and to verify the file); install "
                 'them with `pip install "cnnlab[onnx]"`, or use format=torchscript.'
             ) from None
-    ckpt = load_checkpoint(cfg.ckpt_path)
-    source = Path(cfg.ckpt_path)
+    source = checkpoint_file(cfg.ckpt_path)
+    ckpt = load_checkpoint(source)
     output = Path(cfg.output) if cfg.output else source.with_name(source.stem + SUFFIXES[cfg.format])
     classifier = classifier_from_checkpoint(ckpt, str(source))
     description = describe(ckpt, source)
@@ -125,6 +126,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             )
     result = {
         "output": str(output),
+        "checkpoint": str(source),
         "format": cfg.format,
         "batch": cfg.batch_size,
         "max_abs_diff": max_abs_diff,

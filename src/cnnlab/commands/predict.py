@@ -26,6 +26,7 @@ from torch import Tensor
 
 from cnnlab.atomic_files import write_text_atomic
 from cnnlab.checkpoints.load import data_config, load_checkpoint
+from cnnlab.checkpoints.run_folder import checkpoint_file
 from cnnlab.commands.devices import parse_device, pick_device
 from cnnlab.commands.export import SUFFIXES
 from cnnlab.commands.path_patterns import expand_paths
@@ -114,7 +115,7 @@ def checkpoint_predictor(ckpt_path: str, device: str) -> Predictor:
     """A checkpoint's classifier on the device, through its evaluation path (predict_logits)."""
     from hydra.utils import instantiate
 
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(checkpoint_file(ckpt_path))
     datamodule = instantiate(data_config(ckpt), _convert_="all")  # only its settings and transforms are used
     where = pick_device(device)
     classifier = classifier_from_checkpoint(ckpt, str(ckpt_path)).to(where)
