@@ -395,6 +395,21 @@ def test_mnist_fast_trains_in_the_precision_this_cpu_runs_fastest(tmp_path):
     assert build_trainer(cfg).precision == cpu_precision()
 
 
+@pytest.mark.parametrize("flags", ["fpu avx2 avx512_bf16", "fpu avx2"])
+def test_mnist_fast_on_a_gpu_keeps_trainer_gpus_precision_whatever_the_host_cpu(flags, tmp_path, monkeypatch):
+    """The CPU's bfloat16 instructions say nothing of a GPU run: trainer=gpu's bf16-mixed stands."""
+    import cnnlab.config_files as config_files
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    read_flags = config_files.cpu_precision
+    monkeypatch.setattr(config_files, "cpu_precision", lambda: read_flags(cpuinfo))
+    gpu = compose_config(["trainer=gpu"], tmp_path).trainer.precision
+    assert compose_config(["experiment=mnist_fast", "trainer=gpu"], tmp_path).trainer.precision == gpu
+    on_cpu = "bf16-mixed" if "bf16" in flags else "32-true"
+    assert compose_config(["experiment=mnist_fast", "trainer=cpu"], tmp_path).trainer.precision == on_cpu
+
+
 RUN_AND_LIST_MODULES = """
 import runpy, sys
 sys.argv = ["train.py", *sys.argv[1:]]

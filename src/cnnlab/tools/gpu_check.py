@@ -325,7 +325,7 @@ class Check:
         if recipe == PEER_RECIPE:
             cmd.append("trainer=gpu")  # as README.md runs the recipe: bf16, cuDNN autotuning
         elif not self.tiny:
-            # mnist_fast on the GPU in float32: its ${cpu_precision:} follows the host CPU's instructions
+            # mnist_fast on the GPU in float32 (its ${fast_precision:} would give trainer=gpu's bf16-mixed)
             cmd += ["trainer.accelerator=gpu", "trainer.precision=32-true"]
         cmd += [f"data.data_dir={self.data}", "data.download=false", f"hydra.run.dir={run_dir}"]
         if self.tiny:
