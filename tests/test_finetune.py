@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from cnnlab.commands.train import train
 from cnnlab.errors import UserError
@@ -109,3 +110,29 @@ def test_eval_and_predict_name_the_fine_tuned_classes(mnist_run, three_classes, 
     rows = predict(predict_config(f"ckpt_path={best}", f"inputs={image}"))["predictions"]
     assert set(rows[0]["classes"]) == set(THREE)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "finished"
+
+
+class WhiteningAtFitStart(Callback):
+    """The whitening filters as the run's first training step sees them."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.filters = pl_module.model.whiten.weight.detach().clone()
+
+
+def test_init_from_a_whitened_run_keeps_its_whitening_filters_instead_of_recomputing_them(tiny_data, tmp_path):
+    """The filters are set from the images of the run that made them; eigenvector signs are arbitrary, so recomputing
+    them on other images could swap the paired channels that the carried layers after them were trained with."""
+    from tests.conftest import make_cifar
+    from tests.test_airbench_model import recipe
+
+    source_dir = tmp_path / "source"
+    train(compose_config(recipe(tiny_data, "trainer.max_epochs=1", "callbacks.whitening.num_images=50"), source_dir))
+    source = torch.load(source_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    other = make_cifar(tmp_path / "other_images", seed=7)  # other images: recomputed filters would differ
+    seen = WhiteningAtFitStart()
+    overrides = recipe(other, "trainer.max_epochs=1", f"init_from={source_dir / 'checkpoints' / 'best.ckpt'}")
+    train(compose_config(overrides, tmp_path / "fine_tuned"), [seen])
+    assert torch.equal(seen.filters, source["state_dict"]["model.whiten.weight"])
+    scratch = WhiteningAtFitStart()
+    train(compose_config(recipe(other, "trainer.max_epochs=1"), tmp_path / "scratch"), [scratch])
+    assert not torch.allclose(scratch.filters, seen.filters, atol=1e-3)  # a run from scratch computes its own

@@ -122,6 +122,18 @@ def environment(seed: int, deterministic: bool | str | None, data_files: dict[st
     }
 
 
+_jobs_started = 0  # train() calls in this process so far
+
+
+def job_start_time() -> float:
+    """When this training job started, for its wall_seconds: the process's start for its first job (imports
+    included), the call itself for every later one (a -m sweep or a search runs its jobs one after another in one
+    process, and each job's time is its own)."""
+    global _jobs_started
+    _jobs_started += 1
+    return process_start_time() if _jobs_started == 1 else time.time()
+
+
 def process_start_time() -> float:
     """Wall-clock time at which this process started (Linux /proc; else the time this module was imported)."""
     try:

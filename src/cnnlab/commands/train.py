@@ -14,21 +14,21 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
 from cnnlab.checkpoints.atomic_save import DiskFull
-from cnnlab.checkpoints.resume import load_resume_checkpoint
 from cnnlab.commands.console import RunHeader, parameter_count, print_summary
 from cnnlab.commands.run_record import (
     early_stopping_record,
     environment,
     hparams_row,
+    job_start_time,
     log_hparams,
-    process_start_time,
     write_json,
 )
-from cnnlab.commands.validation import resumes_in_place, validate_config, validate_model
+from cnnlab.commands.run_start import SCRATCH, RunStart, finetune_settings, load_start, settle_start
+from cnnlab.commands.validation import check_splits, resumes_in_place, validate_config, validate_model
 from cnnlab.data.prepare_once import prepare_once_per_machine
 from cnnlab.training.classifier import ImageClassifier
 from cnnlab.training.last_checkpoint import LastCheckpoint
-from cnnlab.training.pretrained import model_weights, preprocessing_from_weights, start_from_weights
+from cnnlab.training.pretrained import preprocessing_from_weights
 from cnnlab.training.step_clock import StepClock
 from cnnlab.training.stopping import NonFiniteLoss, RunInterrupted
 from cnnlab.training.tracking import (
@@ -48,7 +48,7 @@ def plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def build_classifier(cfg: DictConfig) -> ImageClassifier:
+def build_classifier(cfg: DictConfig, start: RunStart = SCRATCH) -> ImageClassifier:
     """The LightningModule for cfg, from plain values only; its model compiled in place when cfg.compile asks."""
     classifier = ImageClassifier(
         model=plain(cfg.model),
@@ -58,42 +58,13 @@ def build_classifier(cfg: DictConfig) -> ImageClassifier:
         label_smoothing=cfg.label_smoothing,
         channels_last=cfg.channels_last,
         tta=cfg.tta,
-        finetune=finetune_settings(cfg),
+        finetune=finetune_settings(cfg, start),
     )
     if cfg.compile.enabled:
         # nn.Module.compile compiles in place: parameter names, and so checkpoint keys, stay the same.
         classifier.model.compile(backend=cfg.compile.backend, mode=cfg.compile.mode)
         classifier.dynamic_eval_batch = True  # one evaluation graph for every batch size, not one per size
     return classifier
-
-
-def finetune_settings(cfg: DictConfig) -> dict[str, Any] | None:
-    """The classifier's `finetune` hyperparameters for a run started from another run's weights, or with frozen
-    layers; None for an ordinary run."""
-    if not cfg.get("init_from") and not cfg.get("freeze") and model_weights(cfg.model) is None:
-        return None
-    return {
-        "init_from": str(cfg.init_from) if cfg.get("init_from") else None,
-        "freeze": list(cfg.get("freeze") or []),
-        "backbone_lr_scale": float(cfg.get("backbone_lr_scale", 1.0)),
-        "fresh": [],  # filled in by start_from once the weights are carried over
-    }
-
-
-def start_from(
-    classifier: ImageClassifier, init: dict[str, Any] | None, resumed: dict[str, Any] | None, source: str
-) -> str | None:
-    """Load init_from's weights (init) into a new run's model and return the report to print; or give a resumed run
-    its own record of which layers were new, on which its optimizer's parameter groups depend."""
-    if resumed is not None and resumed["hyper_parameters"].get("finetune"):
-        classifier.hparams["finetune"] = resumed["hyper_parameters"]["finetune"]
-    if init is None:
-        return None
-    from cnnlab.training.finetune import transfer_weights
-
-    transfer = transfer_weights(classifier.model, init, source)
-    classifier.hparams["finetune"]["fresh"] = transfer.fresh_parameters
-    return transfer.report()
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
@@ -107,13 +78,18 @@ def build_trainer(
     extra_callbacks: list[L.Callback] | None = None,
     resume_step: int | None = None,
     mlflow_run_id: str | None = None,
+    validates: bool = True,
 ) -> L.Trainer:
     """The Trainer with the configured callbacks (and extra_callbacks, e.g. a search's pruning) and loggers.
 
     resume_step: the checkpoint's step when resuming; TensorBoard hides what the interrupted run logged after it.
     mlflow_run_id: the MLflow run a run resumed in place continues (its checkpoint keeps the id).
+    validates: False for a run without a validation split: best.ckpt, chosen by a validation score, is left out
+    (Lightning would warn at every epoch that the score is missing); last.ckpt holds the final weights.
     """
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not validates:
+        callbacks = [c for c in callbacks if not (type(c) is ModelCheckpoint and str(c.monitor).startswith("val/"))]
     callbacks += extra_callbacks or []
     loggers = []
     for lg in (cfg.get("logger") or {}).values():
@@ -141,27 +117,25 @@ def build_trainer(
 
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Fit, then test the best checkpoint; returns the metrics written to <run dir>/metrics.json."""
+    started = job_start_time()
     run_dir = Path(cfg.run_dir)
     validate_config(cfg)  # bad values stop here, before data is read or anything is written
+    start = settle_start(cfg)  # scratch, resume, init_from or torchvision weights, the checkpoint read and checked
     if cfg.get("overwrite") and not resumes_in_place(run_dir, cfg.ckpt_path):
         remove_previous_run(run_dir)
-    resumed = load_resume_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
-    init = None
-    if cfg.get("init_from") and resumed is None:  # a resumed run's weights come from its own checkpoint
-        from cnnlab.training.finetune import checkpoint_for_init
-
-        init = checkpoint_for_init(cfg.init_from, plain(cfg.model))
-    resume_step = resumed["global_step"] if resumed else None
-    if resumed:  # a folder's classes and mean/std are the ones the run was trained with, whatever it holds now
-        stored = resumed["hyper_parameters"]["data"]
+    if start.kind == "resume":  # a folder's classes and mean/std are the ones the run was trained with
+        stored = start.checkpoint["hyper_parameters"]["data"]
         with open_dict(cfg):
             cfg.data.update({k: v for k, v in stored.items() if k in cfg.data and cfg.data[k] is None})
     preprocessing_from_weights(cfg)  # model.weights: the input size, mean and std they expect, where left null
+
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
+    splits = check_splits(cfg, datamodule)  # what needs a validation split or test images, refused or skipped
     # A run resumed in its own folder continues its MLflow run; one resumed into another folder is a new run there.
-    mlflow_run_id = continued_run_id(resumed) if resumes_in_place(run_dir, cfg.ckpt_path) else None
-    trainer = build_trainer(cfg, extra_callbacks, resume_step, mlflow_run_id)
+    in_place = resumes_in_place(run_dir, cfg.ckpt_path)
+    mlflow_run_id = continued_run_id(start.checkpoint) if in_place else None
+    trainer = build_trainer(cfg, extra_callbacks, start.resume_step, mlflow_run_id, validates=splits.validates)
     # Missing files are reported (or downloaded) before the model is built or anything is written. The machine's
     # first process prepares, as Lightning's prepare_data_per_node does; the others wait at fit()'s barrier, or at
     # the lock inside if discover() needs the files sooner (CIFAR-100's class names).
@@ -171,15 +145,13 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     # built and checked against it, so that the checkpoint stores it; {} for MNIST, CIFAR-10 and a resumed run.
     with open_dict(cfg):
         cfg.data.update(datamodule.discover())
-    validate_model(cfg, resumed)
-    classifier = build_classifier(cfg)
-    transfer = start_from(classifier, init, resumed, str(cfg.get("init_from")))
+    validate_model(cfg, start.checkpoint if start.kind == "resume" else None)
+
+    classifier = build_classifier(cfg, start)
+    notes = [note for note in (load_start(classifier, start, cfg), *splits.notes) if note]
     console = Console(stderr=False)
     if trainer.is_global_zero and cfg.get("print_config"):
         console.print(OmegaConf.to_yaml(cfg, resolve=True), markup=False, highlight=False)
-    notes = [note for note in (transfer, start_from_weights(classifier, cfg)) if note]
-    if resumed:
-        notes.append(f"resumed  from step {resume_step:,} of {cfg.ckpt_path}")
     trainer.callbacks.append(RunHeader(run_dir, notes))
     clock = StepClock()
     trainer.callbacks.append(clock)
@@ -195,11 +167,11 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
             except OSError:  # a full disk may not take even this; the message says what happened
                 pass
         raise
-    train_seconds = max(clock.seconds, 1e-9)
 
     best = (c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and not isinstance(c, LastCheckpoint))
-    checkpoint = next(best, None)  # best.ckpt's; None where the config turns it off
+    checkpoint = next(best, None)  # best.ckpt's; None where the config turns it off or there is no validation
     best_path = checkpoint.best_model_path if checkpoint else ""
+    train_seconds = max(clock.seconds, 1e-9)  # every stretch of steps of the run, those before a resume too
     metrics: dict[str, Any] = {
         "status": "finished",
         "epochs": trainer.current_epoch,
@@ -207,20 +179,20 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         "train_seconds": round(train_seconds, 3),  # the training steps alone (cnnlab.training.step_clock)
         # Every process takes data.batch_size images per step: the global batch is that times the world size.
         "global_batch_size": datamodule.batch_size * trainer.world_size,
-        "train_images_per_second": round(
-            (trainer.global_step - (resume_step or 0)) * datamodule.batch_size * trainer.world_size / train_seconds, 1
-        ),
+        "train_images_per_second": round(clock.batches * datamodule.batch_size * trainer.world_size / train_seconds, 1),
         "val_acc_best": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score else None,
         "best_checkpoint": best_path or None,
         **early_stopping_record(trainer),  # stopped_early, stopped_epoch
     }
-    if cfg.test:
+    if cfg.test and splits.test_skipped:
+        metrics["test_skipped"] = splits.test_skipped
+    elif cfg.test:
         results = trainer.test(
             classifier, datamodule=datamodule, ckpt_path=best_path or None, verbose=False, weights_only=True
         )
         metrics["test_acc"] = results[0]["test/acc"]
         metrics["test_loss"] = results[0]["test/loss"]
-    metrics["wall_seconds"] = round(time.time() - process_start_time(), 3)  # process start to the final test score
+    metrics["wall_seconds"] = round(time.time() - started, 3)  # this job's start to its final test score
 
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", metrics)

@@ -1,6 +1,7 @@
 """Checks of a composed config before any work starts: each mistake becomes one UserError paragraph naming the key."""
 
 import importlib.util
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +228,42 @@ def check_tta(cfg: DictConfig) -> None:
             f"tta={cfg.get('tta')} is not a test-time augmentation level; choose one of {', '.join(TTA_LEVELS)} "
             "(flip: each image and its mirror image; flip_translate: those and four one-pixel translations)."
         )
+
+
+@dataclass
+class SplitPlan:
+    """What a run does where its data has no validation split or no test images, known before any data is read."""
+
+    validates: bool  # a validation split: val/acc each epoch, best.ckpt
+    test_skipped: str | None = None  # why the test stage has nothing to score; None: it runs (if cfg.test)
+    notes: list[str] = field(default_factory=list)  # lines for the run header
+
+
+def check_splits(cfg: DictConfig, datamodule: Any) -> SplitPlan:
+    """Refuse what needs a validation split the data will not have (early stopping on val/...), and plan the rest:
+    no best.ckpt without validation, no test stage without test images. From the settings and folders alone."""
+    has_split = getattr(datamodule, "has_split", lambda split: True)  # a DataModule of a user's own: assume both
+    plan = SplitPlan(validates=has_split("val"))
+    where = f"data.val_size={cfg.data.get('val_size')}"
+    if str(cfg.data.get("_target_", "")).endswith("FolderDataModule"):
+        where += f" and no val/ folder in {cfg.data.data_dir}"
+    if not plan.validates:
+        for name, node in (cfg.get("callbacks") or {}).items():
+            if node is None:
+                continue
+            monitor = str(node.get("monitor", ""))
+            if str(node.get("_target_", "")).endswith("EarlyStopping") and monitor.startswith("val/"):
+                raise UserError(
+                    f"callbacks.{name} stops the run when {monitor} stops improving, but this run has no validation "
+                    f"split ({where}), so there is no {monitor} to watch. Hold images out for validation with "
+                    "data.val_size=N (or add a val/ folder to an image folder), or leave early stopping out "
+                    "(callbacks/early_stopping=null)."
+                )
+        plan.notes.append(f"val      none ({where}): no best.ckpt; last.ckpt holds the final weights")
+    if cfg.get("test") and not has_split("test"):
+        plan.test_skipped = f"{cfg.data.data_dir} has no test/ folder, and no validation images to score instead"
+        plan.notes.append(f"test     the test stage is skipped: {plan.test_skipped}")
+    return plan
 
 
 def validate_config(cfg: DictConfig) -> None:

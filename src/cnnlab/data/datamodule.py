@@ -124,6 +124,11 @@ class ImageDataModule(L.LightningDataModule):
         """
         return {}
 
+    def has_split(self, split: str) -> bool:
+        """Whether the split will hold images, known without reading any: a validation split only where val_size
+        holds images out of the training files; the test files are always there."""
+        return split != "val" or self.val_size > 0
+
     # --- Lightning hooks ------------------------------------------------------------------------------------------
     def missing_files(self) -> list[Path]:
         return [p for p in self.required_files() if not p.is_file()]

@@ -239,6 +239,14 @@ class FolderDataModule(ImageDataModule):
                 "point data.data_dir at such a folder."
             )
 
+    def has_split(self, split: str) -> bool:
+        """Whether the split will hold images, from the folders alone: validation from val/ or val_size images held
+        out of train/; the test stage scores test/, or the validation images where there is no test/."""
+        if split == "train":
+            return True
+        validation = (self.data_dir / "val").is_dir() or self.val_size > 0
+        return validation if split == "val" else (self.data_dir / "test").is_dir() or validation
+
     def cache_folders(self) -> list[Path]:
         """Where caches are looked for, in order, and the first writable one written: data.cache_dir if set, else
         <data_dir>/.cnnlab-cache, else the user's cache folder (a read-only data folder)."""
@@ -407,7 +415,7 @@ class FolderDataModule(ImageDataModule):
                     f"({', '.join(self.class_names)}). Every folder in val/ and test/ must also be a class of "
                     "train/ (or of the checkpoint being evaluated); rename or remove it."
                 )
-        if "test" not in self.indexes:
+        if "test" not in self.indexes and self.has_split("val"):
             source = "val/" if "val" in self.indexes else f"the {self.val_size} validation images held out of train/"
             self.say_once("no test", f"{self.data_dir} has no test/ folder: the test stage scores {source}.")
         if self.mean is None or self.std is None:

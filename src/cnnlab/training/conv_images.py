@@ -1,6 +1,7 @@
 """A callback that shows convolution at work in TensorBoard: the first layer's filters and one image's feature maps.
 
-Logged at the start of training and after every validation epoch, so the IMAGES tab shows the kernels learning.
+Logged at the start of training and after every epoch (after its validation, where the run has a validation split),
+so the IMAGES tab shows the kernels learning.
 """
 
 import lightning as L
@@ -40,7 +41,9 @@ def feature_map_grid(maps: Tensor) -> Tensor:
 
 
 class ConvImages(L.Callback):
-    """Logs `conv1/filters` and `conv1/feature_maps` (of the first validation image) to TensorBoard each epoch."""
+    """Logs `conv1/filters` and `conv1/feature_maps` to TensorBoard each epoch: the maps of the first validation
+    image, or the first test image, or for data with neither (an image folder of train/ alone) the first training
+    image."""
 
     def __init__(self, every_n_epochs: int = 1) -> None:
         self.every_n_epochs = every_n_epochs
@@ -51,7 +54,8 @@ class ConvImages(L.Callback):
             return
         conv = first_conv(pl_module.model)
         splits = trainer.datamodule.splits
-        image = (splits["val"] if len(splits["val"][1]) else splits["test"])[0][:1]  # a fixed image every epoch
+        split = next(s for s in ("val", "test", "train") if s in splits and len(splits[s][1]))
+        image = splits[split][0][:1]  # a fixed image every epoch
         x = trainer.datamodule.batch_transform(augment=False)(image).to(pl_module.device)
         captured: list[Tensor] = []
         handle = conv.register_forward_hook(lambda m, i, out: captured.append(out))
@@ -71,5 +75,13 @@ class ConvImages(L.Callback):
         self._log(trainer, pl_module, step=0)  # the initial kernels
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        if not trainer.sanity_checking:
+            self._after_epoch(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.limit_val_batches:  # no validation (data.val_size=0): no validation epoch end to log at
+            self._after_epoch(trainer, pl_module)
+
+    def _after_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._log(trainer, pl_module, step=trainer.current_epoch + 1)  # after this many epochs

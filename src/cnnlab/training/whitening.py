@@ -13,7 +13,10 @@ class PatchWhitening(L.Callback):
     Lightning has no hook for data-dependent initialization; this callback adds it. The images are the first
     num_images of the DataModule's training split, normalized by its batch transform without augmentation, as
     airbench94 does with 5000 images. A resumed run (fit with a checkpoint) keeps the whitening its checkpoint holds:
-    Lightning restores the weights before on_fit_start, so it is not computed again. The bias's requires_grad is set
+    Lightning restores the weights before on_fit_start, so it is not computed again. So does a run whose filters
+    init_from carried over (cnnlab.commands.run_start): the layers after them were trained on those filters' channels,
+    and filters recomputed on other images could come out with channels swapped or negated (eigenvectors have no
+    fixed sign or order among equal eigenvalues). The bias's requires_grad is set
     at every epoch start from the epoch number, so a run resumed after bias_epochs keeps the bias fixed too.
     """
 
@@ -36,6 +39,9 @@ class PatchWhitening(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.ckpt_path is not None:
             return  # resumed: the whitening came back with the checkpoint's weights
+        finetune = pl_module.hparams.get("finetune") or {}
+        if finetune.get("init_from") and "whiten.weight" not in finetune["fresh"]:
+            return  # carried over from init_from's checkpoint
         datamodule = trainer.datamodule
         images, _ = datamodule.splits["train"]
         normalized = datamodule.batch_transform(augment=False)(images[: self.num_images])

@@ -1,0 +1,110 @@
+"""What metrics.json says of a run, checked against what the test measures or computes itself: the steps' seconds
+(with and without validation, across a resume), images per second, a sweep job's wall time, and which weights the
+test stage scores."""
+
+import json
+import time
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+import cnnlab.training.step_clock as step_clock
+from cnnlab.commands.evaluate import evaluate
+from cnnlab.commands.train import train
+from tests.conftest import compose_config, quick_run
+
+BATCHES = 4  # training batches per epoch in these runs (limit_train_batches)
+
+
+def short(tiny_data, *extra):
+    return quick_run(tiny_data, "trainer.max_epochs=2", f"trainer.limit_train_batches={BATCHES}", *extra)
+
+
+class StepDurations(Callback):
+    """Each training step's own duration and the whole fit's, measured here."""
+
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.fit_started = time.perf_counter()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.fit_seconds = time.perf_counter() - self.fit_started
+
+    def on_train_batch_start(self, *args) -> None:
+        self.step_started = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.steps.append(time.perf_counter() - self.step_started)
+
+
+@pytest.mark.parametrize("validation", ["val_size=100", "val_size=0"])
+def test_train_seconds_cover_every_step_and_no_more_than_the_fit(tiny_data, tmp_path, validation):
+    """With data.val_size=0 (as cifar10_record) no validation closes an epoch's stretch of steps: its end does."""
+    durations = StepDurations()
+    metrics = train(compose_config(short(tiny_data, f"data.{validation}"), tmp_path), [durations])
+    assert len(durations.steps) == 2 * BATCHES
+    assert sum(durations.steps) <= metrics["train_seconds"] <= durations.fit_seconds
+
+
+def test_the_step_clock_waits_for_the_device_before_each_reading(tiny_data, tmp_path, monkeypatch):
+    """On a GPU the steps run ahead of the host: a clock read without waiting would stop before the work is done."""
+    events = []
+    monkeypatch.setattr(step_clock, "wait_for", lambda device: events.append("wait"))
+    monkeypatch.setattr(step_clock, "clock", lambda: events.append("read") or time.perf_counter())
+    train(compose_config(short(tiny_data), tmp_path))
+    reads = [i for i, e in enumerate(events) if e == "read"]
+    assert len(reads) == 2 * 2  # each epoch's stretch of steps opened and closed
+    assert all(events[i - 1] == "wait" for i in reads)
+
+
+def test_a_resumed_run_reports_the_seconds_and_images_per_second_of_the_whole_run(tiny_data, tmp_path):
+    first = train(compose_config(short(tiny_data, "trainer.max_epochs=1"), tmp_path))
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    clock_state = saved["callbacks"]["StepClock"]
+    assert clock_state["batches"] == BATCHES
+    assert clock_state["seconds"] == pytest.approx(first["train_seconds"], abs=1e-3)  # metrics round to 1 ms
+    durations = StepDurations()
+    resumed = train(
+        compose_config(short(tiny_data, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"), tmp_path), [durations]
+    )
+    assert len(durations.steps) == BATCHES  # the second epoch only
+    assert resumed["train_seconds"] >= clock_state["seconds"] + sum(durations.steps) - 2e-3  # metrics round to 1 ms
+    images = 2 * BATCHES * 32  # both epochs' batches of data.batch_size=32
+    assert resumed["train_images_per_second"] == pytest.approx(images / resumed["train_seconds"], rel=0.01)
+
+
+def test_each_job_of_a_sweep_reports_its_own_wall_time(tiny_data, tmp_path):
+    """-m sweeps and searches run their jobs one after another in one process."""
+    train(compose_config(short(tiny_data), tmp_path / "0"))
+    started = time.time()
+    second = train(compose_config(short(tiny_data), tmp_path / "1"))
+    assert second["wall_seconds"] <= time.time() - started
+    assert json.loads((tmp_path / "1" / "metrics.json").read_text())["wall_seconds"] == second["wall_seconds"]
+
+
+class ZeroWeightsBeforeLastValidation(Callback):
+    """Sets every weight to zero after the last epoch's steps, before its validation: that epoch then scores worst,
+    best.ckpt stays at the first epoch, and the final weights are useless."""
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch == trainer.max_epochs - 1:
+            with torch.no_grad():
+                for parameter in pl_module.parameters():
+                    parameter.zero_()
+
+
+def test_the_test_stage_scores_best_ckpt_not_the_final_weights(tiny_data, tmp_path):
+    overrides = short(tiny_data, "trainer.limit_train_batches=8", "optimizer.lr=0.1")  # about 80% after one epoch
+    metrics = train(compose_config(overrides, tmp_path / "run"), [ZeroWeightsBeforeLastValidation()])
+    checkpoints = tmp_path / "run" / "checkpoints"
+    best = torch.load(checkpoints / "best.ckpt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 0 and metrics["best_checkpoint"] == str(checkpoints / "best.ckpt")
+    scored = {
+        name: evaluate(compose_config([f"ckpt_path={checkpoints / name}"], tmp_path / name, config_name="eval"))
+        for name in ("best.ckpt", "last.ckpt")
+    }
+    assert scored["best.ckpt"]["test_acc"] > scored["last.ckpt"]["test_acc"] + 0.2  # the two are told apart
+    assert abs(metrics["test_acc"] - scored["best.ckpt"]["test_acc"]) <= 1e-6
