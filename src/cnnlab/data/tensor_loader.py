@@ -112,6 +112,7 @@ class BatchTransform:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
         self.crop_padding, self.flip, self.crop_pad_mode = crop_padding, flip_mode(flip), crop_pad_mode
+        self.positions: dict[tuple, tuple[Tensor, ...]] = {}  # crop_positions' index tensors, by size and device
         if self.flip not in FLIPS or crop_pad_mode not in PAD_MODES:
             raise ValueError(
                 f"flip must be one of {FLIPS} and crop_pad_mode one of {PAD_MODES}; got {flip!r}, {crop_pad_mode!r}."
@@ -125,6 +126,20 @@ class BatchTransform:
         self.mean, self.std = self.mean.to(device), self.std.to(device)
         return self
 
+    def crop_positions(self, h: int, w: int, device: torch.device) -> tuple[Tensor, ...]:
+        """The index tensors every crop of an h x w batch uses, built once per size and device: the reflect-padded
+        rows and columns, and the crop's row and column offsets 0..h-1, 0..w-1 (about 12 operations a batch)."""
+        key = (h, w, device)
+        if key not in self.positions:
+            p = self.crop_padding
+            self.positions[key] = (
+                reflect_indices(h, p, device),
+                reflect_indices(w, p, device),
+                torch.arange(h, device=device).view(1, 1, h, 1),
+                torch.arange(w, device=device).view(1, 1, 1, w),
+            )
+        return self.positions[key]
+
     @property
     def augments(self) -> bool:
         return self.crop_padding > 0 or self.flip != "none"
@@ -134,14 +149,15 @@ class BatchTransform:
         b, _, h, w = x.shape
         if self.crop_padding:
             p = self.crop_padding
+            reflect_rows, reflect_cols, crop_rows, crop_cols = self.crop_positions(h, w, x.device)
             if self.crop_pad_mode == "reflect":  # the border mirrored, the border pixel itself not repeated
-                padded = x[:, :, reflect_indices(h, p, x.device)][:, :, :, reflect_indices(w, p, x.device)]
+                padded = x[:, :, reflect_rows][:, :, :, reflect_cols]
             else:
                 padded = torch.nn.functional.pad(x, (p, p, p, p))  # (B, C, H, W) -> (B, C, H+2p, W+2p)
             dy = torch.randint(0, 2 * p + 1, (b, 1, 1, 1), device=x.device, generator=generator)
             dx = torch.randint(0, 2 * p + 1, (b, 1, 1, 1), device=x.device, generator=generator)
-            rows = dy + torch.arange(h, device=x.device).view(1, 1, h, 1)  # (B, 1, H, 1)
-            cols = dx + torch.arange(w, device=x.device).view(1, 1, 1, w)  # (B, 1, 1, W)
+            rows = dy + crop_rows  # (B, 1, H, 1)
+            cols = dx + crop_cols  # (B, 1, 1, W)
             x = padded.gather(2, rows.expand(b, x.shape[1], h, w + 2 * p))  # -> (B, C, H, W+2p)
             x = x.gather(3, cols.expand(b, x.shape[1], h, w))  # -> (B, C, H, W)
         if self.flip == "random":

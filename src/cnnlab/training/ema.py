@@ -18,13 +18,14 @@ averaged too, swapped in for validation, written as the checkpoint's `state_dict
   it fails there.
 """
 
-import itertools
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
+
+from cnnlab.training.foreach_average import move_average
 
 
 class EMA(WeightAveraging):
@@ -64,16 +65,7 @@ class EMA(WeightAveraging):
             return
         average = self._average_model
         weight = 1.0 - self.decay_of_update(self.updates)
-        pairs = zip(
-            itertools.chain(average.module.parameters(), average.module.buffers()),
-            itertools.chain(pl_module.parameters(), pl_module.buffers()),
-            strict=True,
-        )
-        for avg, now in pairs:
-            if avg.is_floating_point():
-                avg.lerp_(now.detach(), weight)  # avg <- decay * avg + (1 - decay) * now
-            else:  # BatchNorm's num_batches_tracked counter
-                avg.copy_(now)
+        move_average(average.module, pl_module, weight)  # avg <- decay * avg + (1 - decay) * now; counters copied
         self.updates += 1
         self.updated_at_step = trainer.global_step
         average.n_averaged.fill_(self.updates)  # AveragedModel's own count, saved with the average; no read

@@ -6,7 +6,6 @@ runs: an update every 5 steps, with a decay that grows over the run as 0.95^5 * 
 early updates leave the fast weights alone (decay near 0) and the late ones hold them back near an average.
 """
 
-import itertools
 from typing import Any
 
 import lightning as L
@@ -15,6 +14,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 
 from cnnlab.errors import UserError
+from cnnlab.training.foreach_average import move_average
 
 
 class Lookahead(WeightAveraging):
@@ -72,17 +72,8 @@ class Lookahead(WeightAveraging):
         if step <= self._latest_update_step or step % self.update_every_n_steps:
             return  # no optimizer step since the last update (gradient accumulation), or not an update step
         weight = 1.0 - self.decay_at(step, self.total_steps)
-        pairs = zip(
-            itertools.chain(self._average_model.module.parameters(), self._average_model.module.buffers()),
-            itertools.chain(pl_module.parameters(), pl_module.buffers()),
-            strict=True,
-        )
-        for slow, fast in pairs:
-            if slow.is_floating_point():
-                slow.lerp_(fast.detach(), weight)  # slow <- slow + (1 - d_t) * (fast - slow)
-                fast.copy_(slow)
-            else:  # BatchNorm's num_batches_tracked counter: the fast one counts on
-                slow.copy_(fast)
+        # slow <- slow + (1 - d_t) * (fast - slow), then fast <- slow; BatchNorm's step counters: the fast ones count on
+        move_average(self._average_model.module, pl_module, weight, restart=True)
         self._latest_update_step = step
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
