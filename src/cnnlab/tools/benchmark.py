@@ -8,6 +8,7 @@ each path is kept, which keeps a busy machine from favouring whichever path ran 
 import copy
 import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +16,49 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cnnlab.commands.devices import pick_device
 from cnnlab.commands.run_record import environment, process_start_time, write_json
 from cnnlab.commands.train import build_classifier, build_datamodule, build_trainer, plain
-from cnnlab.data.tensor_loader import BatchTransform
+from cnnlab.data.tensor_loader import BatchTransform, first_epoch_flips
 from cnnlab.errors import UserError
 from cnnlab.training.classifier import build_model, make_scheduler
 from cnnlab.training.step_clock import wait_for
 
 PATHS = ("lightning", "plain", "torchvision")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched while it is active: on a GPU each is about one kernel launch, and on any
+    device each costs host time, so the count per step shows a path's per-step work without a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class StepOps(L.Callback):
+    """Counts the operations of `steps` steady training steps: from the start of batch `first` to that of batch
+    `first + steps` (everything a step does, the loader's work for its batch and the per-step callbacks included)."""
+
+    def __init__(self, first: int, steps: int) -> None:
+        self.first, self.steps, self.counter = first, steps, OpCounter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.first:
+            self.counter.__enter__()
+        elif trainer.global_step == self.first + self.steps:
+            self.counter.__exit__(None, None, None)
+            trainer.should_stop = True
+
+    @property
+    def per_step(self) -> float:
+        return self.counter.count / self.steps
 
 
 class StepTimer(L.Callback):
@@ -57,9 +91,11 @@ def _on_device(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def _accelerator(cfg: DictConfig) -> DictConfig:
+def _accelerator(cfg: DictConfig, steps: int | None = None) -> DictConfig:
+    """cfg on its device, training for warmup_steps + steps (cfg.steps unless given) without validation."""
     cfg = _on_device(cfg)
     with open_dict(cfg):
+        cfg.steps = cfg.steps if steps is None else steps
         cfg.trainer.max_epochs = -1
         cfg.trainer.max_steps = cfg.warmup_steps + cfg.steps
         cfg.trainer.limit_val_batches = 0  # training throughput only
@@ -67,8 +103,8 @@ def _accelerator(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def lightning_rate(cfg: DictConfig, loader: str) -> float:
-    """Images/s of a Trainer.fit with the configured callbacks and loggers, fed by the given loader path."""
+def lightning_fit(cfg: DictConfig, loader: str, watch: L.Callback) -> L.LightningModule:
+    """A Trainer.fit with the configured callbacks and loggers, fed by the given loader path, watched by watch."""
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         cfg.data.loader = loader
@@ -78,20 +114,35 @@ def lightning_rate(cfg: DictConfig, loader: str) -> float:
     datamodule = build_datamodule(cfg)
     classifier = build_classifier(cfg)
     trainer = build_trainer(cfg)
-    timer = StepTimer(cfg.warmup_steps)
-    trainer.callbacks.append(timer)
+    trainer.callbacks.append(watch)
     trainer.fit(classifier, datamodule=datamodule)
+    return classifier
+
+
+def lightning_rate(cfg: DictConfig, loader: str) -> float:
+    """Images/s of the project's path (lightning_fit) after cfg.warmup_steps."""
+    timer = StepTimer(cfg.warmup_steps)
+    classifier = lightning_fit(cfg, loader, timer)
     return timer.images_per_second(classifier.device)
 
 
-def plain_rate(
+def lightning_ops(cfg: DictConfig) -> float:
+    """Operations per steady training step of the project's path (tensor loader), after cfg.warmup_steps."""
+    counter = StepOps(cfg.warmup_steps, cfg.count_ops_steps)
+    lightning_fit(cfg, "tensor", counter)
+    return counter.per_step
+
+
+def plain_steps(
     cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, transform: BatchTransform, device: torch.device
-) -> float:
-    """Images/s of a hand-written loop: the batch transform, forward, loss, backward, optimizer and scheduler step.
+) -> Iterator[int]:
+    """A hand-written loop: the batch transform, forward, loss, backward, optimizer and scheduler step; yields each
+    step's number before the step runs, for plain_rate and plain_ops to time or count the steps they want.
 
     Like for like with the project's path: the same uint8 images on the device, the same per-batch transform
-    (normalization, and the crop and flip the data config asks for), the same precision, memory format and cuDNN
-    autotuning (trainer.benchmark), so a/b measures the framework, not work only one path does.
+    (normalization, and the crop and flip the data config asks for), the same optimizer settings (its foreach
+    update), precision, memory format and cuDNN autotuning (trainer.benchmark), so a/b measures the framework, not
+    work only one path does.
     """
     torch.manual_seed(cfg.seed)
     torch.backends.cudnn.benchmark = bool(cfg.trainer.get("benchmark"))  # as Lightning sets it for path (a)
@@ -106,14 +157,13 @@ def plain_rate(
     bf16 = str(cfg.trainer.precision).startswith("bf16")
     batch_size, n = cfg.data.batch_size, len(labels)
     order = torch.randperm(n, device=device)
-    start = None
+    first_flips = first_epoch_flips(cfg.seed, n, device) if transform.flip == "alternating" else None
     for step in range(cfg.warmup_steps + cfg.steps):
-        if step == cfg.warmup_steps:
-            wait_for(device)
-            start = time.perf_counter()
+        yield step
         i = (step * batch_size) % (n - batch_size + 1)
         idx = order[i : i + batch_size]
-        x = transform(images[idx]).contiguous(memory_format=memory_format)
+        flips = None if first_flips is None else first_flips[idx] ^ bool(step * batch_size // n % 2)
+        x = transform(images[idx], flips=flips).contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = criterion(model(x), labels[idx])
         optimizer.zero_grad(set_to_none=True)
@@ -121,8 +171,33 @@ def plain_rate(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+
+
+def plain_rate(
+    cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, transform: BatchTransform, device: torch.device
+) -> float:
+    """Images/s of the plain loop (plain_steps) over cfg.steps after cfg.warmup_steps."""
+    start = None
+    for step in plain_steps(cfg, images, labels, transform, device):
+        if step == cfg.warmup_steps:
+            wait_for(device)
+            start = time.perf_counter()
     wait_for(device)
-    return cfg.steps * batch_size / (time.perf_counter() - start)
+    return cfg.steps * cfg.data.batch_size / (time.perf_counter() - start)
+
+
+def plain_ops(
+    cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor, transform: BatchTransform, device: torch.device
+) -> float:
+    """Operations per steady step of the plain loop, counted as lightning_ops counts the project's."""
+    counter = OpCounter()
+    for step in plain_steps(cfg, images, labels, transform, device):
+        if step == cfg.warmup_steps:
+            counter.__enter__()
+        elif step == cfg.warmup_steps + cfg.count_ops_steps:
+            counter.__exit__(None, None, None)
+            break
+    return counter.count / cfg.count_ops_steps
 
 
 def _device(cfg: DictConfig) -> torch.device:
@@ -166,6 +241,10 @@ def throughput(cfg: DictConfig) -> dict[str, Any]:
         result["lightning_overhead_ms_per_step"] = round(1000 * seconds, 3)
     if "lightning" in best and "torchvision" in best:
         result["lightning_over_torchvision"] = round(best["lightning"] / best["torchvision"], 3)
+    if cfg.count_ops_steps:  # counted apart from the timed windows: counting slows every operation down
+        counting = _accelerator(cfg, steps=cfg.count_ops_steps + 1)
+        result["lightning_ops_per_step"] = lightning_ops(counting)
+        result["plain_ops_per_step"] = plain_ops(counting, images, labels, transform, device)
     result["peak_memory_mb"] = round(peak_memory_mb(device), 1)
     result["device"] = str(device)
     result["same_work"] = {  # what (a) and (b) both do per step
