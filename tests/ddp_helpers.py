@@ -138,3 +138,28 @@ class TrainingStateProbe(L.Callback):
         record = {"steps": self.steps, "buffers": {k: v.tolist() for k, v in buffers.items()}}
         self.output.mkdir(parents=True, exist_ok=True)
         (self.output / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class ParameterProbe(L.Callback):
+    """Saves `<output>/rank<r>.pt` for each process: one parameter of the classifier (`name`, as in its state_dict)
+    at the start of training and at the end of each training epoch, with the global step at each epoch's end."""
+
+    def __init__(self, output: str, name: str) -> None:
+        self.output, self.name = Path(output), name
+        self.record: dict = {"start": None, "ends": [], "steps": []}
+
+    def value(self, pl_module: L.LightningModule):
+        return pl_module.get_parameter(self.name).detach().clone()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.record["start"] = self.value(pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.record["ends"].append(self.value(pl_module))
+        self.record["steps"].append(trainer.global_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import torch
+
+        self.output.mkdir(parents=True, exist_ok=True)
+        torch.save(self.record, self.output / f"rank{trainer.global_rank}.pt")

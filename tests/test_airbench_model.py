@@ -13,7 +13,8 @@ from cnnlab.models import AirbenchNet
 from cnnlab.tools.inspect_model import layer_table
 from cnnlab.training.classifier import build_model, replanned_scheduler
 from cnnlab.training.schedules import LinearWarmupDecay
-from tests.conftest import DATASETS, compose_config, quick_run
+from tests.conftest import DATASETS, DDP_ON_CPU, compose_config, make_cifar, quick_run
+from tests.launch import run_script
 
 BN_BIASES = [f"layer{i}.bn{j}.bias" for i in (1, 2, 3) for j in (1, 2)]
 
@@ -149,17 +150,19 @@ def test_linear_warmup_decay_resumes_from_its_saved_state_and_replans_over_a_lon
 
 # --- runs -----------------------------------------------------------------------------------------------------------
 class WhiteningRecord(L.Callback):
-    """What the whitening layer's bias is at each epoch's start and end, and whether it trains."""
+    """What the whitening layer's bias is at each epoch's end, and whether it changed in each epoch."""
 
     def __init__(self) -> None:
-        self.trains: list[bool] = []
+        self.changed: list[bool] = []
+        self.bias_at_start: torch.Tensor | None = None
         self.bias_at_end: list[torch.Tensor] = []
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.trains.append(pl_module.model.whiten.bias.requires_grad)
+        self.bias_at_start = pl_module.model.whiten.bias.detach().clone()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.bias_at_end.append(pl_module.model.whiten.bias.detach().clone())
+        self.changed.append(not torch.equal(self.bias_at_start, self.bias_at_end[-1]))
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +200,7 @@ def test_whitening_is_set_at_fit_start_from_the_normalized_training_images(airbe
 
 def test_whitening_bias_trains_for_bias_epochs_only(airbench_run):
     _, _, record = airbench_run
-    assert record.trains == [True, False]
+    assert record.changed == [True, False]
     first, second = record.bias_at_end
     assert first.abs().sum() > 0  # it trained from zero in epoch 0
     assert torch.equal(first, second)  # and stayed in epoch 1
@@ -214,4 +217,50 @@ def test_a_resumed_run_keeps_its_checkpoint_whitening_and_fixed_bias(airbench_ru
     resumed = checkpoint_state(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert torch.equal(resumed["model.whiten.weight"], ckpt["state_dict"]["model.whiten.weight"])
     assert torch.equal(resumed["model.whiten.bias"], ckpt["state_dict"]["model.whiten.bias"])
-    assert record.trains == [False]
+    assert record.changed == [False]
+
+
+@pytest.fixture(scope="module")
+def record_data(tmp_path_factory):
+    """80 training images: 5 steps an epoch at a global batch of 16."""
+    return make_cifar(tmp_path_factory.mktemp("record_data"), n_train=80, n_test=20)
+
+
+def record_run(data_dir, probe, *extra: str, trainer: str | None = "cpu") -> list[str]:
+    """experiment=cifar10_record as shipped (bias_epochs 3, Nesterov momentum, weight decay, Lookahead) for 4 epochs
+    of 5 steps, one epoch past bias_epochs, with tests.ddp_helpers.ParameterProbe saving the whitening bias to probe.
+
+    5 steps an epoch put one of Lookahead's pull-backs (every 5 steps) at the end of each epoch, so the bias's slow
+    average equals it when it stops training. At any other length the next pull-back moves the fixed bias once, to
+    that average, as airbench94's Lookahead does; from then on both stay fixed.
+    """
+    probed = ["+callbacks.probe._target_=tests.ddp_helpers.ParameterProbe", f"+callbacks.probe.output={probe}",
+              "+callbacks.probe.name=model.whiten.bias"]  # fmt: skip
+    shorter = ["data.val_size=0", "trainer.max_epochs=4", *probed, *extra]
+    return quick_run(data_dir, "experiment=cifar10_record", *shorter, data="cifar10", trainer=trainer)
+
+
+def assert_bias_trained_for_bias_epochs_only(record: dict, last_ckpt) -> None:
+    """The bias changed in each of epochs 0-2 and is bit-identical from the end of epoch 2 on, in last.ckpt too."""
+    assert record["steps"] == [5, 10, 15, 20]  # see record_run
+    ends = record["ends"]
+    assert [not torch.equal(a, b) for a, b in zip([record["start"], *ends], ends)] == [True, True, True, False]
+    assert torch.equal(checkpoint_state(last_ckpt)["model.whiten.bias"], ends[2])
+
+
+def test_the_record_recipe_keeps_the_whitening_bias_fixed_after_bias_epochs(record_data, tmp_path):
+    overrides = record_run(record_data, tmp_path / "probe", "data.batch_size=16")
+    train(compose_config(overrides, tmp_path / "run"))
+    record = torch.load(tmp_path / "probe" / "rank0.pt", weights_only=True)
+    assert_bias_trained_for_bias_epochs_only(record, tmp_path / "run" / "checkpoints" / "last.ckpt")
+
+
+def test_the_record_recipe_trains_under_ddp_past_bias_epochs_with_the_bias_fixed(record_data, tmp_path):
+    # The bias stays a parameter DDP reduces (PatchWhitening drops its gradient after the reduction instead of
+    # turning requires_grad off, which stopped DDP at epoch 3: "parameters that were not used in producing the loss").
+    overrides = record_run(record_data, tmp_path / "probe", *DDP_ON_CPU, "data.batch_size=8", trainer=None)
+    result = run_script("train", *overrides, "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "probe" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert_bias_trained_for_bias_epochs_only(ranks[0], tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert torch.equal(ranks[0]["ends"][-1], ranks[1]["ends"][-1])

@@ -2,6 +2,7 @@
 
 import lightning as L
 from lightning.pytorch.callbacks import WeightAveraging
+from torch.optim import Optimizer
 
 from cnnlab.errors import UserError
 
@@ -16,8 +17,18 @@ class PatchWhitening(L.Callback):
     Lightning restores the weights before on_fit_start, so it is not computed again. So does a run whose filters
     init_from carried over (cnnlab.commands.run_start): the layers after them were trained on those filters' channels,
     and filters recomputed on other images could come out with channels swapped or negated (eigenvectors have no
-    fixed sign or order among equal eigenvalues). The bias's requires_grad is set
-    at every epoch start from the epoch number, so a run resumed after bias_epochs keeps the bias fixed too.
+    fixed sign or order among equal eigenvalues).
+
+    From epoch bias_epochs on, the bias's gradient is dropped (set to None) in on_before_optimizer_step, which
+    Lightning calls after the backward pass (and so after DDP's all-reduce) and before the optimizer step and gradient
+    clipping; torch's optimizers skip a parameter without a gradient, so neither SGD's momentum nor its weight decay
+    moves it, and the bias stays bit-identical. The epoch number decides, so a run resumed after bias_epochs keeps it
+    fixed too. Turning the bias's requires_grad off instead (as airbench94 does) breaks DDP, which registered the
+    parameter when wrapping the model: the next step stops with "parameters that were not used in producing the
+    loss". find_unused_parameters would search the graph every step for this one tensor, and a param group at rate 0
+    would have to survive every scheduler's rewrite of the rates; the dropped gradient costs only its own reduction.
+    Lookahead's next pull-back after bias_epochs sets the bias to its slow average, once, as airbench94's does (its
+    slow copy still lags the last trained steps); from then on both stay fixed.
     """
 
     def __init__(self, num_images: int = 5000, eps: float = 5e-4, bias_epochs: int = 3) -> None:
@@ -54,5 +65,6 @@ class PatchWhitening(L.Callback):
             if average is not None:
                 average.module.model.whiten.weight.data.copy_(pl_module.model.whiten.weight.data)
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.model.whiten.bias.requires_grad_(trainer.current_epoch < self.bias_epochs)
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
+        if trainer.current_epoch >= self.bias_epochs:
+            pl_module.model.whiten.bias.grad = None  # the optimizer skips it: no momentum, no weight decay
