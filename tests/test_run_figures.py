@@ -108,3 +108,59 @@ def test_the_test_stage_scores_best_ckpt_not_the_final_weights(tiny_data, tmp_pa
     }
     assert scored["best.ckpt"]["test_acc"] > scored["last.ckpt"]["test_acc"] + 0.2  # the two are told apart
     assert abs(metrics["test_acc"] - scored["best.ckpt"]["test_acc"]) <= 1e-6
+
+
+class StageDurations(Callback):
+    """The validation loops' and the test stage's durations, measured here."""
+
+    def __init__(self) -> None:
+        self.validation, self.test = 0.0, 0.0
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.started = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.validation += time.perf_counter() - self.started
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.started = time.perf_counter()
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self.test += time.perf_counter() - self.started
+
+
+def test_the_phase_table_puts_each_part_of_a_run_where_it_happened(tiny_data, tmp_path, monkeypatch, capsys):
+    """Known delays put into reading the data and into the data checksums show up in those phases; the validation,
+    checkpoint and test phases hold at least what the test measured of them; the phases and the steps do not
+    overlap, so together they stay within the wall time."""
+    import cnnlab.checkpoints.atomic_save as atomic_save
+    from cnnlab.data.datamodule import ImageDataModule
+
+    load_splits, checksums, save = (
+        ImageDataModule.load_splits,
+        ImageDataModule.file_checksums,
+        atomic_save.atomic_torch_save,
+    )
+    saving = []
+
+    def timed_save(*args):
+        started = time.perf_counter()
+        save(*args)
+        saving.append(time.perf_counter() - started)
+
+    monkeypatch.setattr(ImageDataModule, "load_splits", lambda self: time.sleep(0.3) or load_splits(self))
+    monkeypatch.setattr(ImageDataModule, "file_checksums", lambda self: time.sleep(0.2) or checksums(self))
+    monkeypatch.setattr(atomic_save, "atomic_torch_save", timed_save)
+    stages = StageDurations()
+    metrics = train(compose_config(short(tiny_data), tmp_path), [stages])
+    phases = metrics["phases"]
+    names = ["start-up", "set-up", "data", "fit start", "validation", "checkpoints", "test", "record"]
+    assert list(phases) == names and all(v >= 0 for v in phases.values())
+    assert phases["data"] >= 0.3 and phases["record"] >= 0.2
+    assert len(saving) == 4  # best.ckpt and last.ckpt after each of the 2 epochs
+    assert phases["checkpoints"] >= round(sum(saving), 3) - 1e-3
+    assert phases["validation"] >= round(stages.validation, 3) - 1e-3 and phases["test"] >= round(stages.test, 3) - 1e-3
+    inside = sum(phases.values()) - phases["start-up"] - phases["checkpoints"] + metrics["train_seconds"]
+    assert inside <= metrics["wall_seconds"] - phases["start-up"] + 0.01  # checkpoints fall inside the fit loop
+    shown = capsys.readouterr().out
+    assert all(f"  {name}" in shown for name in names)

@@ -11,6 +11,7 @@ one paragraph (DiskFull) naming the file, the free space and the command that co
 import errno
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,16 @@ def atomic_torch_save(payload: Any, path: str | Path) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """TorchCheckpointIO whose local saves are atomic (temporary file + rename); remote URLs go through Lightning."""
+    """TorchCheckpointIO whose local saves are atomic (temporary file + rename); remote URLs go through Lightning.
+    `seconds` sums the time its saves took (a run's `checkpoints` phase)."""
+
+    seconds = 0.0
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(str(path)):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_torch_save(checkpoint, path)
+        started = time.perf_counter()
+        try:
+            if storage_options is not None or not _is_local_file_protocol(str(path)):
+                return super().save_checkpoint(checkpoint, path, storage_options)
+            atomic_torch_save(checkpoint, path)
+        finally:
+            self.seconds += time.perf_counter() - started

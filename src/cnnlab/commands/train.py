@@ -28,6 +28,7 @@ from cnnlab.commands.validation import check_splits, resumes_in_place, validate_
 from cnnlab.data.prepare_once import prepare_once_per_machine
 from cnnlab.training.classifier import ImageClassifier
 from cnnlab.training.last_checkpoint import LastCheckpoint
+from cnnlab.training.phase_clock import PhaseClock
 from cnnlab.training.pretrained import preprocessing_from_weights
 from cnnlab.training.step_clock import StepClock
 from cnnlab.training.stopping import NonFiniteLoss, RunInterrupted
@@ -118,6 +119,7 @@ def build_trainer(
 def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> dict[str, Any]:
     """Fit, then test the best checkpoint; returns the metrics written to <run dir>/metrics.json."""
     started = job_start_time()
+    phases = PhaseClock(start_up_seconds=time.time() - started)
     run_dir = Path(cfg.run_dir)
     validate_config(cfg)  # bad values stop here, before data is read or anything is written
     start = settle_start(cfg)  # scratch, resume, init_from or torchvision weights, the checkpoint read and checked
@@ -154,8 +156,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         console.print(OmegaConf.to_yaml(cfg, resolve=True), markup=False, highlight=False)
     trainer.callbacks.append(RunHeader(run_dir, notes))
     clock = StepClock()
-    trainer.callbacks.append(clock)
+    trainer.callbacks += [clock, phases]
 
+    phases.mark("data")  # fit() reads the splits and moves them to the device first
     try:
         trainer.fit(classifier, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     except (RunInterrupted, NonFiniteLoss, DiskFull) as stop:
@@ -184,6 +187,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         "best_checkpoint": best_path or None,
         **early_stopping_record(trainer),  # stopped_early, stopped_epoch
     }
+    phases.mark("test")
     if cfg.test and splits.test_skipped:
         metrics["test_skipped"] = splits.test_skipped
     elif cfg.test:
@@ -192,17 +196,21 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         )
         metrics["test_acc"] = results[0]["test/acc"]
         metrics["test_loss"] = results[0]["test/loss"]
-    metrics["wall_seconds"] = round(time.time() - started, 3)  # this job's start to its final test score
+    phases.mark("record")
 
     if trainer.is_global_zero:
-        write_json(run_dir / "metrics.json", metrics)
         env = environment(cfg.seed, cfg.trainer.deterministic, datamodule.file_checksums())
-        write_json(run_dir / "env.json", env)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 row = hparams_row(cfg, parameter_count(classifier), metrics["global_batch_size"])
                 log_hparams(logger, row)
+    metrics["wall_seconds"] = round(time.time() - started, 3)  # this job's start to its record (before MLflow, W&B)
+    if trainer.is_global_zero:
         finish_tracking(trainer, cfg, metrics)  # logger=mlflow or wandb: the config, these metrics, best.ckpt
+        phases.mark("done")
+        metrics["phases"] = phases.report(getattr(trainer.strategy.checkpoint_io, "seconds", 0.0))
+        write_json(run_dir / "metrics.json", metrics)
+        write_json(run_dir / "env.json", env)
         print_summary(console, run_dir, metrics)
     return metrics
 
