@@ -66,6 +66,36 @@ def test_loading_carries_every_backbone_tensor_bit_identically_and_reinitializes
     assert f"{len(own) - 2} tensors carried over" in report
 
 
+def test_a_weights_file_without_batchnorm_step_counters_loads_as_torchvision_loads_it(tmp_path, monkeypatch):
+    """Older torchvision files have no num_batches_tracked entries, which torchvision's load_state_dict accepts
+    (BatchNorm fills them in); a file missing a real tensor is still refused, naming it."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    stored = write_weights(tmp_path, "resnet18")
+    path = tmp_path / "hub" / "checkpoints" / Path(get_model_weights("resnet18").IMAGENET1K_V1.url).name
+    without = {k: v for k, v in stored.items() if not k.endswith("num_batches_tracked")}
+    assert len(without) < len(stored)
+    torch.save(without, path)
+    model_cfg = {
+        "_target_": "cnnlab.models.torchvision_net",
+        "arch": "resnet18",
+        "num_classes": 3,
+        "weights": "IMAGENET1K_V1",
+    }
+    model = torchvision_net(**{k: v for k, v in model_cfg.items() if k != "_target_"})
+    head, _ = load_backbone(model, model_cfg)
+    reference = get_model("resnet18", weights=None)
+    reference.load_state_dict(without, strict=False)  # what torchvision's own loading leaves in the counters
+    for name, tensor in model.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(tensor, reference.state_dict()[name]), name
+        elif name not in head:
+            assert torch.equal(tensor, stored[name]), name
+    torch.save({k: v for k, v in without.items() if k != "layer1.0.conv1.weight"}, path)
+    with pytest.raises(UserError, match=r"layer1\.0\.conv1\.weight.*damaged") as err:
+        load_backbone(torchvision_net(**{k: v for k, v in model_cfg.items() if k != "_target_"}), model_cfg)
+    assert "\n" not in str(err.value)
+
+
 def test_the_data_takes_input_size_mean_and_std_from_the_weights_unless_given(tmp_path):
     preprocessing = get_model_weights("resnet18").IMAGENET1K_V1.transforms()
     cfg = compose_config(quick_run(tmp_path, model="torchvision", data="folder"), tmp_path)

@@ -110,7 +110,9 @@ def load_backbone(model: nn.Module, model_cfg: dict[str, Any]) -> tuple[list[str
     head = head_names(model, model_cfg["arch"], model_cfg["num_classes"])
     own = model.state_dict()
     carried = [n for n, t in own.items() if n not in head and n in stored and stored[n].shape == t.shape]
-    missing = [n for n in own if n not in head and n not in carried]
+    # BatchNorm's step counters are absent from older torchvision files; torchvision's own load_state_dict accepts
+    # that (BatchNorm fills them in), and so does this: they keep their fresh value.
+    missing = [n for n in own if n not in head and n not in carried and not n.endswith("num_batches_tracked")]
     if missing:
         raise UserError(
             f"{path} does not fit torchvision's {model_cfg['arch']}: {missing[0]} (and {len(missing) - 1} more) is "
