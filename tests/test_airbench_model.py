@@ -83,6 +83,30 @@ def test_whitening_filters_are_the_patch_eigenvectors_scaled_by_one_over_root_ei
     assert_filters_match_up_to_sign(model.whiten.weight, eigen_whitening(images, eps), rtol=1e-5)
 
 
+def test_airbench_convolutions_start_passing_their_input_channels_through():
+    """airbench94's Dirac start: the first in_channels filters of every 3x3 convolution copy their input channel."""
+    model = AirbenchNet()
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n != "whiten"}
+    assert len(convs) == 6
+    for name, conv in convs.items():
+        x = torch.randn(2, conv.in_channels, 6, 6)
+        with torch.no_grad():
+            y = conv(x)  # padding 1: the same size
+        assert torch.allclose(y[:, : conv.in_channels], x, atol=1e-6), name
+        if conv.out_channels > conv.in_channels:  # the other filters keep torch's random start
+            assert y[:, conv.in_channels :].abs().mean() > 0.05, name
+
+
+def test_airbench_classifies_a_batch_with_torchvision_style_parameter_names():
+    model = AirbenchNet(in_channels=3, num_classes=7, widths=[8, 16, 32])
+    assert model(torch.randn(4, 3, 32, 32)).shape == (4, 7)
+    assert model.whiten.out_channels == 2 * 3 * 2 * 2  # eigenvector filters and their negatives
+    per_block = ("conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight", "bn2.weight", "bn2.bias")
+    blocks = [f"layer{i}.{name}" for i in (1, 2, 3) for name in per_block]
+    assert [name for name, _ in model.named_parameters()] == ["whiten.weight", "whiten.bias", *blocks, "fc.weight"]
+    assert AirbenchNet(in_channels=1)(torch.randn(2, 1, 28, 28)).shape == (2, 10)  # MNIST-sized inputs too
+
+
 @pytest.mark.parametrize("data", DATASETS)
 def test_inspector_shows_the_airbench_layer_table_with_its_macs(data, tmp_path):
     cfg = compose_config(["model=airbench", f"data={data}"], tmp_path)
