@@ -148,6 +148,27 @@ def test_normalization_biases_get_their_configured_rate_and_weight_decay(tiny_da
     assert (rest["weight_decay"], biases["weight_decay"]) == pytest.approx((0.01, 0.01 / 64))
 
 
+@pytest.mark.parametrize(("knob", "nesterov"), [(None, True), ("optimizer.nesterov=false", False)])
+def test_norm_bias_sgd_builds_nesterov_sgd_with_the_momentum_rates_and_decays_its_config_states(
+    tiny_data, tmp_path, knob, nesterov
+):
+    """configs/optimizer/sgd_norm_bias.yaml as shipped: airbench94's Nesterov SGD at momentum 0.85, lr 1.5 and weight
+    decay 1.3304e-3, BatchNorm biases at 64 x the rate and 1/64 x the decay; a turned knob reaches torch's SGD."""
+    extra = ["scheduler=none", *([knob] if knob else [])]  # no schedule: the groups' rates are the optimizer's own
+    cfg = compose_config(quick_run(tiny_data, "optimizer=sgd_norm_bias", *extra, model="airbench"), tmp_path)
+    classifier = build_classifier(cfg)
+    classifier.trainer = L.Trainer(max_steps=10, logger=False)
+    optimizer = classifier.configure_optimizers()["optimizer"]
+    assert type(optimizer) is torch.optim.SGD
+    assert optimizer.defaults["nesterov"] is nesterov and optimizer.defaults["momentum"] == 0.85
+    rest, biases = optimizer.param_groups
+    assert [g["nesterov"] for g in (rest, biases)] == [nesterov, nesterov]
+    assert [g["momentum"] for g in (rest, biases)] == [0.85, 0.85]
+    assert (rest["lr"], biases["lr"]) == pytest.approx((1.5, 1.5 * 64))
+    assert (rest["weight_decay"], biases["weight_decay"]) == pytest.approx((1.3304e-3, 1.3304e-3 / 64))
+    assert len(biases["params"]) == len(BN_BIASES)
+
+
 def rates(total_steps: int, steps: int, **factors) -> list[float]:
     optimizer = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=2.0)
     scheduler = LinearWarmupDecay(optimizer, total_steps, **factors)
