@@ -39,6 +39,29 @@ def patch_second_moment(features: torch.Tensor) -> torch.Tensor:
     return flat @ flat.T / flat.shape[1]
 
 
+def eigen_whitening(images: torch.Tensor, eps: float, k: int = 2) -> torch.Tensor:
+    """The whitening filters airbench94 sets, computed here from their definition and not by init_whitening: the
+    eigenvectors of the k x k patches' covariance about zero (the images are normalized), largest eigenvalue first,
+    each divided by sqrt(eigenvalue + eps), as (C*k*k, C, k, k) filters (a patch flattened channel, row, column)."""
+    n, c, h, w = images.shape
+    windows = images.double().unfold(2, k, 1).unfold(3, k, 1)  # (n, C, H, W) -> (n, C, H-k+1, W-k+1, k, k)
+    patches = windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)  # one patch per row, channel-major
+    covariance = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    order = eigenvalues.argsort(descending=True)
+    filters = eigenvectors[:, order].T / (eigenvalues[order] + eps).sqrt()[:, None]  # row i: i-th direction, scaled
+    return filters.reshape(c * k * k, c, k, k)
+
+
+def assert_filters_match_up_to_sign(weight: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    """weight holds expected's filters (each up to its sign: an eigenvector's is arbitrary), then their negatives."""
+    positive, negative = weight.double().chunk(2)
+    assert torch.equal(negative, -positive)
+    signs = (positive * expected).flatten(1).sum(1).sign().view(-1, 1, 1, 1)
+    error = (positive - signs * expected).flatten(1).norm(dim=1) / expected.flatten(1).norm(dim=1)
+    assert error.max() < rtol, error
+
+
 # --- the network ----------------------------------------------------------------------------------------------------
 def test_whitening_layer_outputs_are_uncorrelated_with_unit_variance_on_the_training_patches():
     images = correlated_images()
@@ -51,6 +74,28 @@ def test_whitening_layer_outputs_are_uncorrelated_with_unit_variance_on_the_trai
     assert torch.allclose(white, torch.eye(12), atol=1e-3), white
     assert torch.equal(negative, -positive)
     assert not model.whiten.weight.requires_grad and model.whiten.bias.requires_grad
+
+
+def test_whitening_filters_are_the_patch_eigenvectors_scaled_by_one_over_root_eigenvalue_plus_eps():
+    images = correlated_images()
+    eps = 0.1  # far above the smallest eigenvalues (about 1e-3): sqrt(eigenvalue + eps) is not sqrt(eigenvalue) + eps
+    model = AirbenchNet()
+    model.init_whitening(images, eps=eps)
+    assert_filters_match_up_to_sign(model.whiten.weight, eigen_whitening(images, eps), rtol=1e-5)
+
+
+def test_airbench_convolutions_start_passing_their_input_channels_through():
+    """airbench94's Dirac start: the first in_channels filters of every 3x3 convolution copy their input channel."""
+    model = AirbenchNet()
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n != "whiten"}
+    assert len(convs) == 6
+    for name, conv in convs.items():
+        x = torch.randn(2, conv.in_channels, 6, 6)
+        with torch.no_grad():
+            y = conv(x)  # padding 1: the same size
+        assert torch.allclose(y[:, : conv.in_channels], x, atol=1e-6), name
+        if conv.out_channels > conv.in_channels:  # the other filters keep torch's random start
+            assert y[:, conv.in_channels :].abs().mean() > 0.05, name
 
 
 def test_airbench_classifies_a_batch_with_torchvision_style_parameter_names():
@@ -102,6 +147,27 @@ def test_normalization_biases_get_their_configured_rate_and_weight_decay(tiny_da
     peak = "initial_lr" if scheduler == "linear_warmup_decay" else "max_lr"  # one-cycle sets rates from its max_lr
     assert (rest[peak], biases[peak]) == pytest.approx((0.5, 0.5 * 64))
     assert (rest["weight_decay"], biases["weight_decay"]) == pytest.approx((0.01, 0.01 / 64))
+
+
+@pytest.mark.parametrize(("knob", "nesterov"), [(None, True), ("optimizer.nesterov=false", False)])
+def test_norm_bias_sgd_builds_nesterov_sgd_with_the_momentum_rates_and_decays_its_config_states(
+    tiny_data, tmp_path, knob, nesterov
+):
+    """configs/optimizer/sgd_norm_bias.yaml as shipped: airbench94's Nesterov SGD at momentum 0.85, lr 1.5 and weight
+    decay 1.3304e-3, BatchNorm biases at 64 x the rate and 1/64 x the decay; a turned knob reaches torch's SGD."""
+    extra = ["scheduler=none", *([knob] if knob else [])]  # no schedule: the groups' rates are the optimizer's own
+    cfg = compose_config(quick_run(tiny_data, "optimizer=sgd_norm_bias", *extra, model="airbench"), tmp_path)
+    classifier = build_classifier(cfg)
+    classifier.trainer = L.Trainer(max_steps=10, logger=False)
+    optimizer = classifier.configure_optimizers()["optimizer"]
+    assert type(optimizer) is torch.optim.SGD
+    assert optimizer.defaults["nesterov"] is nesterov and optimizer.defaults["momentum"] == 0.85
+    rest, biases = optimizer.param_groups
+    assert [g["nesterov"] for g in (rest, biases)] == [nesterov, nesterov]
+    assert [g["momentum"] for g in (rest, biases)] == [0.85, 0.85]
+    assert (rest["lr"], biases["lr"]) == pytest.approx((1.5, 1.5 * 64))
+    assert (rest["weight_decay"], biases["weight_decay"]) == pytest.approx((1.3304e-3, 1.3304e-3 / 64))
+    assert len(biases["params"]) == len(BN_BIASES)
 
 
 def rates(total_steps: int, steps: int, **factors) -> list[float]:
@@ -165,13 +231,17 @@ class WhiteningRecord(L.Callback):
         self.changed.append(not torch.equal(self.bias_at_start, self.bias_at_end[-1]))
 
 
+RUN_EPS = 0.05  # not the shipped 5e-4: a run that ignored callbacks.whitening.eps would show
+
+
 @pytest.fixture(scope="module")
 def airbench_run(tiny_data, tmp_path_factory):
-    """Two short epochs of the recipe with the whitening bias trained in the first only."""
+    """Two short epochs of the recipe with the whitening bias trained in the first only, and eps at RUN_EPS."""
     run_dir = tmp_path_factory.mktemp("airbench")
     overrides = recipe(tiny_data, "trainer.max_epochs=2", "callbacks.whitening.bias_epochs=1")
+    whitening = ["callbacks.whitening.num_images=50", f"callbacks.whitening.eps={RUN_EPS}"]
     record = WhiteningRecord()
-    metrics = train(compose_config([*overrides, "callbacks.whitening.num_images=50"], run_dir), [record])
+    metrics = train(compose_config([*overrides, *whitening], run_dir), [record])
     return run_dir, metrics, record
 
 
@@ -186,16 +256,22 @@ def test_a_short_airbench_run_trains_tests_and_eval_loads_its_checkpoint(airbenc
     assert abs(scored["test_acc"] - metrics["test_acc"]) <= 1e-6
 
 
-def test_whitening_is_set_at_fit_start_from_the_normalized_training_images(airbench_run, tiny_data, tmp_path):
+def test_whitening_filters_decorrelate_the_first_training_patches_at_the_configured_eps(
+    airbench_run, tiny_data, tmp_path
+):
     run_dir, _, _ = airbench_run
     cfg = compose_config(recipe(tiny_data), tmp_path)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
-    images = datamodule.splits["train"][0][:50]
-    expected = build_model(dict(cfg.model))
-    expected.init_whitening(datamodule.batch_transform(augment=False)(images), eps=5e-4)
+    images = datamodule.splits["train"][0][:50].double()  # the callback's num_images=50, as uint8 pixels
+    mean, std = (torch.tensor(cfg.data[key], dtype=torch.float64).view(1, 3, 1, 1) for key in ("mean", "std"))
+    normalized = (images / 255 - mean) / std
     stored = checkpoint_state(run_dir / "checkpoints" / "last.ckpt")["model.whiten.weight"]
-    assert torch.allclose(stored, expected.whiten.weight, atol=1e-6)
+    assert_filters_match_up_to_sign(stored, eigen_whitening(normalized, RUN_EPS), rtol=1e-4)
+    # the shipped eps gives other filters: the configured one was used
+    default = eigen_whitening(normalized, cfg.callbacks.whitening.eps)
+    assert cfg.callbacks.whitening.eps != RUN_EPS
+    assert not torch.allclose(stored.double().chunk(2)[0].abs(), default.abs(), rtol=1e-2)
 
 
 def test_whitening_bias_trains_for_bias_epochs_only(airbench_run):

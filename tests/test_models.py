@@ -109,6 +109,22 @@ def test_resnet9_trains_under_deterministic_algorithms():
     assert model.prep[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("model", ["airbench", "resnet9"])
+def test_logit_scale_multiplies_the_logits_exactly(model, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    weights, logits = None, {}
+    for scale in (1.0, 0.25):  # a power of two: scaling is exact in floating point
+        cfg = compose_config([f"model={model}", "data=cifar10", f"model.logit_scale={scale}"], tmp_path)
+        net = instantiate(cfg.model).eval()
+        weights = weights or net.state_dict()
+        net.load_state_dict(weights)  # the same weights at both scales
+        with torch.no_grad():
+            logits[scale] = net(x)
+    assert logits[1.0].abs().max() > 1e-3  # the logits are not all zero
+    assert torch.equal(logits[0.25], 0.25 * logits[1.0])
+
+
 @pytest.mark.parametrize("data", DATASETS)
 @pytest.mark.parametrize("model", MODELS)
 def test_model_config_builds_a_model_for_the_data_config(model, data, tmp_path):

@@ -20,7 +20,7 @@ from torch import nn
 from cnnlab.checkpoints.load import load_checkpoint
 from cnnlab.checkpoints.resume import resume_arguments
 from cnnlab.commands.export_metadata import describe, description_from_onnx
-from cnnlab.commands.train import train
+from cnnlab.commands.train import build_classifier, train
 from cnnlab.data.tensor_loader import BatchTransform
 from cnnlab.errors import UserError
 from cnnlab.training.classifier import InferenceNet, classifier_from_checkpoint
@@ -29,6 +29,7 @@ from cnnlab.training.stopping import RunInterrupted
 from cnnlab.training.tta import tta_logits
 from tests.conftest import compose_config, quick_run
 from tests.inference_path import assert_one_inference_path
+from tests.launch import tensorboard_scalars
 
 LOOKAHEAD = "+callbacks.lookahead._target_=cnnlab.training.lookahead.Lookahead"
 
@@ -277,6 +278,65 @@ def test_lookahead_counts_optimizer_steps_under_gradient_accumulation():
         if any(not torch.equal(b[k], a[k]) for k in a)
     ]
     assert pulled == [3, 6]  # after optimizer steps 3 and 6, once each, not after batches 3, 6, 9 and 12
+
+
+class FastWeights(Callback):
+    """The module's floating-point state when training starts and right after each optimizer step: the trained
+    (fast) weights, read by torch's optimizer step hook before any callback's on_train_batch_end (Lookahead's)."""
+
+    def __init__(self) -> None:
+        self.start: dict[str, torch.Tensor] = {}
+        self.after_step: list[dict[str, torch.Tensor]] = []  # [t - 1]: after optimizer step t
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = floats(pl_module)
+        self.hook = trainer.optimizers[0].register_step_post_hook(lambda *_: self.after_step.append(floats(pl_module)))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.hook.remove()
+
+
+def lookahead_slow_weights(fast: FastWeights, steps: int, total_steps: int, decay: float = 0.95, every: int = 5,
+                           power: float = 3.0) -> dict[str, torch.Tensor]:  # fmt: skip
+    """airbench94's Lookahead from its definition: slow <- slow + (1 - d_t) (fast - slow) after every `every`-th of
+    the first `steps` optimizer steps, d_t = decay^every (t / total_steps)^power, from the weights at the start."""
+    slow = fast.start
+    for t in range(every, steps + 1, every):
+        d = decay**every * (t / total_steps) ** power
+        slow = {k: v + (1 - d) * (fast.after_step[t - 1][k] - v) for k, v in slow.items()}
+    return slow
+
+
+def test_validation_scores_lookahead_slow_weights_not_the_fast_ones(tiny_data, tmp_path):
+    """One epoch of 13 steps on the tiny CIFAR-10 with Lookahead as cifar10_record sets it: updates after steps 5
+    and 10, so validation at the epoch end (step 13) finds fast weights apart from the slow ones; val/acc and
+    val/loss are what the slow weights score on the validation images, computed here."""
+    lookahead = [LOOKAHEAD, *(f"+callbacks.lookahead.{k}={v}" for k, v in
+                             (("decay", 0.95), ("update_every_n_steps", 5), ("power", 3.0)))]  # fmt: skip
+    overrides = quick_run(tiny_data, *lookahead, "model.batch_norm=true", "trainer.max_epochs=1", "test=false",
+                          data="cifar10")  # fmt: skip
+    cfg = compose_config(overrides, tmp_path)
+    fast = FastWeights()
+    metrics = train(cfg, extra_callbacks=[fast])
+    assert metrics["global_step"] == len(fast.after_step) == 13  # 400 training images in batches of 32
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    images, labels = datamodule.splits["val"]
+    images = datamodule.batch_transform(augment=False)(images)
+    classifier = build_classifier(cfg).eval()
+
+    def scores(weights: dict[str, torch.Tensor]) -> tuple[float, float]:
+        classifier.load_state_dict(classifier.state_dict() | weights)
+        with torch.no_grad():
+            logits = classifier(images)
+        return (logits.argmax(1) == labels).float().mean().item(), nn.functional.cross_entropy(logits, labels).item()
+
+    slow_acc, slow_loss = scores(lookahead_slow_weights(fast, 13, 13))
+    _, fast_loss = scores(fast.after_step[-1])
+    assert abs(fast_loss - slow_loss) > 1e-3  # scoring the fast weights would show
+    (logged_loss,) = tensorboard_scalars(tmp_path, "val/loss").values()
+    assert logged_loss == pytest.approx(slow_loss, rel=1e-5)
+    assert metrics["val_acc_best"] == pytest.approx(slow_acc, abs=1e-6)  # 100 images: a hundredth apart at least
 
 
 class SigtermAt(Callback):

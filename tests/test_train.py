@@ -12,8 +12,10 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
 from cnnlab.commands.train import build_classifier, train
-from tests.conftest import DATASETS, MODELS, compose_config, make_cifar, make_mnist, quick_run
+from tests.conftest import DATASETS, MODELS, compose_config, make_cifar, make_mnist, quick_run, real_subset
 from tests.launch import run_script, script_env, script_path, tensorboard_events, tensorboard_scalars
+from tests.test_airbench_model import assert_filters_match_up_to_sign, eigen_whitening
+from tests.test_recipe_parts import FastWeights, lookahead_slow_weights
 
 
 @pytest.mark.parametrize("data", DATASETS)
@@ -263,6 +265,41 @@ def test_the_record_recipe_trains_as_shipped_on_real_images_without_a_validation
     expected = build_model(OmegaConf.to_container(cfg.model, resolve=True))
     expected.init_whitening(images, eps=cfg.callbacks.whitening.eps)
     assert torch.allclose(last["state_dict"]["model.whiten.weight"], expected.whiten.weight, atol=1e-5)
+
+
+def test_the_record_recipe_whitens_on_5000_real_images_steps_in_batches_of_1024_and_pulls_back_after_step_5(
+    real_data, tmp_path
+):
+    """experiment=cifar10_record with its shipped whitening (5,000 images, eps 5e-4), batch 1024 and Lookahead
+    (0.95, every 5 steps, power 3), on 7,168 real training images for one epoch: 7 steps, one Lookahead update
+    after step 5 with decay 0.95^5 (5/7)^3, and fast weights apart from the slow ones at the end."""
+    from hydra.utils import instantiate
+
+    data_dir = real_subset(real_data, tmp_path / "data", n_train=7 * 1024, n_test=200)
+    cfg = compose_config(["experiment=cifar10_record", "trainer=cpu", f"data.data_dir={data_dir}",
+                          "trainer.max_epochs=1"], tmp_path / "run")  # fmt: skip
+    fast = FastWeights()
+    metrics = train(cfg, extra_callbacks=[fast])
+    assert metrics["status"] == "finished" and metrics["global_step"] == len(fast.after_step) == 7  # batches of 1024
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    slow, current = last["state_dict"], last["current_model_state"]
+    expected = lookahead_slow_weights(fast, 7, total_steps=7, decay=0.95, every=5, power=3.0)
+    for key, value in expected.items():
+        assert torch.allclose(slow[key], value, rtol=1e-5, atol=1e-6), key
+    assert all(torch.equal(current[k], v) for k, v in fast.after_step[-1].items())  # the fast weights of step 7
+    assert not torch.allclose(slow["model.fc.weight"], current["model.fc.weight"], atol=1e-4)
+    # the whitening: the first 5,000 images of the training split, normalized here, at eps 5e-4
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    images = datamodule.splits["train"][0].double()
+    assert len(images) == 7 * 1024  # no validation split
+    mean, std = (torch.tensor(cfg.data[key], dtype=torch.float64).view(1, 3, 1, 1) for key in ("mean", "std"))
+    normalized = (images / 255 - mean) / std
+    assert torch.equal(slow["model.whiten.weight"], current["model.whiten.weight"])
+    assert_filters_match_up_to_sign(slow["model.whiten.weight"], eigen_whitening(normalized[:5000], 5e-4), 1e-4)
+    with pytest.raises(AssertionError):  # all 7,168 images give other filters: the count is checked
+        assert_filters_match_up_to_sign(slow["model.whiten.weight"], eigen_whitening(normalized, 5e-4), 1e-4)
+    assert metrics["test_acc"] > 0.2  # 10 classes: seven steps already learn something
 
 
 def test_progress_bar_reads_metrics_only_every_refresh_rate_steps(tiny_data, tmp_path, monkeypatch):
