@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 
 from cnnlab.data.cifar import CIFAR100DataModule
+from cnnlab.data.folder import FolderDataModule
 from cnnlab.data.mnist import MNISTDataModule
 
 
@@ -163,3 +164,65 @@ class ParameterProbe(L.Callback):
 
         self.output.mkdir(parents=True, exist_ok=True)
         torch.save(self.record, self.output / f"rank{trainer.global_rank}.pt")
+
+
+def wait_for_markers(folder: Path, prefix: str, rank: int, seconds: float = 15.0) -> None:
+    """Wait until every other process of the machine (LOCAL_WORLD_SIZE) has written folder/<prefix>-<rank>, then
+    half a second more: long enough for each of them to look for what this process is about to write."""
+    others = [folder / f"{prefix}-{r}" for r in range(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if r != rank]
+    deadline = time.monotonic() + seconds
+    while not all(p.exists() for p in others) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+
+
+class CountingFolder(FolderDataModule):
+    """An image folder whose decoded-image cache writes append the process's rank to `log`. A write waits until every
+    other process of the machine has reached discover(), which reads the cache or decodes the folder: a process that
+    would decode as well finds no cache then, at any start-up delay between the processes."""
+
+    def __init__(self, log: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.log = Path(log)
+        self.rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    def discover(self) -> dict:
+        (self.log.parent / f"discovering-{self.rank}").touch()
+        return super().discover()
+
+    def write_cache(self, split: str, content: dict) -> None:
+        with self.log.open("a") as f:
+            f.write(f"{self.rank}:{split}\n")
+        wait_for_markers(self.log.parent, "discovering", self.rank)
+        super().write_cache(split, content)
+
+
+def download_weights_as_a_rank(torch_home: str, log: str, rank: int) -> None:
+    """One process of a run that needs resnet18's IMAGENET1K_V1 file: check_weights_file with torchvision's download
+    replaced by one that appends the rank to `log`, waits for the other processes to be checking too, and writes a
+    file in the cache."""
+    os.environ.update(TORCH_HOME=torch_home, LOCAL_RANK=str(rank))
+    import torch
+    from omegaconf import OmegaConf
+    from torchvision.models._api import WeightsEnum
+
+    from cnnlab.training.pretrained import check_weights_file, weights_file
+
+    def download(weights: WeightsEnum, *args, **kwargs) -> dict:
+        with Path(log).open("a") as f:
+            f.write(f"{rank}\n")
+        wait_for_markers(Path(log).parent, "checking", rank)
+        weights_file(weights).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({}, weights_file(weights))
+        return {}
+
+    WeightsEnum.get_state_dict = download
+    model = {"_target_": "cnnlab.models.torchvision_net", "arch": "resnet18", "weights": "IMAGENET1K_V1"}
+    (Path(log).parent / f"checking-{rank}").touch()
+    check_weights_file(OmegaConf.create({"model": model}))
+
+
+if __name__ == "__main__":  # python -m tests.ddp_helpers weights TORCH_HOME LOG RANK
+    import sys
+
+    download_weights_as_a_rank(sys.argv[2], sys.argv[3], int(sys.argv[4]))

@@ -16,7 +16,7 @@ from cnnlab.commands.evaluate import evaluate, resolve_checkpoints
 from cnnlab.commands.predict import predict, resolve_inputs
 from cnnlab.errors import UserError
 from cnnlab.writable_folders import writable_folder
-from tests.conftest import DDP_ON_CPU, compose_config, make_cifar100, quick_run
+from tests.conftest import DDP_ON_CPU, compose_config, make_cifar100, make_image_folder, quick_run
 from tests.launch import script_env, script_path
 from tests.test_evaluate import eval_config
 from tests.test_predict import predict_config
@@ -118,6 +118,37 @@ def test_cifar100_under_two_processes_downloads_once_though_every_process_reads_
                             timeout=240, env=script_env())  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(log.read_text().split()) == 1, log.read_text()
+
+
+def test_an_image_folder_under_two_processes_is_decoded_once_though_every_process_reads_its_classes(tmp_path):
+    # Every process reads the folder's class names and statistics before the model is built (data.num_classes,
+    # mean, std from discover()), so every process would decode the folder with all cores and write its cache.
+    folder, log = make_image_folder(tmp_path / "folder", n_train=120, n_test=30), tmp_path / "writes.log"
+    args = [*DDP_ON_CPU, *quick_run(folder, data="folder", trainer=None), "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "data.val_size=20",
+            "data._target_=tests.ddp_helpers.CountingFolder", f"+data.log={log}", "hydra.run.dir=run",
+            "test=false"]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run([*torchrun, script_path("train"), *args], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=240, env=script_env())  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    writes = log.read_text().split()
+    assert sorted(w.split(":")[1] for w in writes) == ["test", "train"], writes  # each split folder decoded once
+    assert len({w.split(":")[0] for w in writes}) == 1, writes  # by one process
+
+
+def test_torchvision_weights_under_two_processes_are_downloaded_once(tmp_path):
+    # check_weights_file runs in every process of a torchrun/srun run before fit(); torchvision's download writes
+    # the file under a temporary name and renames it, so two processes would each fetch the whole file.
+    log = tmp_path / "downloads.log"
+    env = {**script_env(), "LOCAL_WORLD_SIZE": "2"}
+    command = [sys.executable, "-m", "tests.ddp_helpers", "weights", str(tmp_path / "torch"), str(log)]
+    processes = [subprocess.Popen([*command, str(rank)], env=env, cwd=Path(__file__).parent.parent,
+                                  stderr=subprocess.PIPE, text=True) for rank in (0, 1)]  # fmt: skip
+    for process in processes:
+        assert process.wait(timeout=120) == 0, process.stderr.read()[-3000:]
+    assert len(log.read_text().split()) == 1, log.read_text()
+    assert len(list((tmp_path / "torch" / "hub" / "checkpoints").iterdir())) == 1
 
 
 # --- the NaN check's read decision ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from cnnlab.atomic_files import atomic_path
 from cnnlab.data.datamodule import ImageDataModule
 from cnnlab.data.images import IMAGE_SUFFIXES, ImageDecodeError, load_image
 from cnnlab.errors import UserError
+from cnnlab.machine_lock import machine_lock
 from cnnlab.writable_folders import writable_folder
 
 SPLIT_FOLDERS = ("train", "val", "test")
@@ -358,9 +359,12 @@ class FolderDataModule(ImageDataModule):
         if self.indexes:
             return
         self.prepare_data()
-        for split in SPLIT_FOLDERS:
-            if (self.data_dir / split).is_dir():
-                self.indexes[split] = self.index_split(split)
+        # Every process of a torchrun/srun run reads the folder before the model is built: under the lock one
+        # decodes and writes the caches, and the others then load them.
+        with machine_lock("decode", self.data_dir):
+            for split in SPLIT_FOLDERS:
+                if (self.data_dir / split).is_dir():
+                    self.indexes[split] = self.index_split(split)
         failures = [(path, reason) for index in self.indexes.values() for path, reason in index["failures"]]
         if failures and not self.skip_bad_files:
             listed = "; ".join(f"{self.data_dir / path} ({reason})" for path, reason in failures[:10])

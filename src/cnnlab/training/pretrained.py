@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.models import Weights, get_model, get_model_weights
 
 from cnnlab.errors import UserError
+from cnnlab.machine_lock import machine_lock
 from cnnlab.models.torchvision_net import weights_named
 
 TARGET = "cnnlab.models.torchvision_net"
@@ -71,8 +72,9 @@ def preprocessing_from_weights(cfg: DictConfig) -> None:
 
 
 def check_weights_file(cfg: DictConfig) -> None:
-    """The weights file is in torchvision's cache, downloaded into it when download_weights allows; else one
-    paragraph naming the file, its folder and its URL. Skipped where the run's weights come from a checkpoint."""
+    """The weights file is in torchvision's cache, downloaded into it when download_weights allows (by one process
+    of the machine); else one paragraph naming the file, its folder and its URL. Skipped where the run's weights come
+    from a checkpoint."""
     weights = model_weights(cfg.model)
     if weights is None or cfg.get("ckpt_path") or cfg.get("init_from"):
         return
@@ -81,11 +83,14 @@ def check_weights_file(cfg: DictConfig) -> None:
         return
     reason = "download_weights=false"
     if cfg.get("download_weights", True):
-        try:  # torchvision's own download: into the cache, the hash in the file name checked
-            weights.get_state_dict(progress=True, check_hash=True)
-            return
-        except (OSError, RuntimeError) as err:  # URLError is an OSError; a hash mismatch a RuntimeError
-            reason = f"the download failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        with machine_lock("weights", path):  # every process of a torchrun/srun run gets here: one downloads
+            if path.is_file():
+                return  # another process downloaded it while this one waited
+            try:  # torchvision's own download: into the cache, the hash in the file name checked
+                weights.get_state_dict(progress=True, check_hash=True)
+                return
+            except (OSError, RuntimeError) as err:  # URLError is an OSError; a hash mismatch a RuntimeError
+                reason = f"the download failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
     raise UserError(
         f"model.weights={cfg.model.weights} needs the file {path.name} in {path.parent} (torchvision's cache, "
         f"$TORCH_HOME/hub/checkpoints), and it is not there ({reason}). It comes from {weights.url}: download it "
