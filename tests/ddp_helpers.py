@@ -117,17 +117,23 @@ class AllocatorProbe(L.Callback):
 
 class TrainingStateProbe(L.Callback):
     """Writes `<output>/rank<r>.json` for each process: at every training step, whether the module named `module`
-    (of the classifier's model) was in training mode and each optimizer group's rate and size; at the end of training,
+    (of the classifier's model) and each BatchNorm layer in it were in training mode, and each optimizer group's rate
+    and size; at the end of training,
     that module's state_dict (weights, running statistics) as this process holds it."""
 
     def __init__(self, output: str, module: str | None = None) -> None:
         self.output, self.module, self.steps = Path(output), module, []
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        from torch.nn.modules.batchnorm import _BatchNorm
+
         groups = trainer.optimizers[0].param_groups
+        module = pl_module.model.get_submodule(self.module) if self.module else None
         self.steps.append({
             "step": trainer.global_step,
-            "training": pl_module.model.get_submodule(self.module).training if self.module else None,
+            "training": module.training if module else None,
+            "batchnorm_training": {n: m.training for n, m in module.named_modules() if isinstance(m, _BatchNorm)}
+            if module else {},
             "lrs": [group["lr"] for group in groups],
             "sizes": [len(group["params"]) for group in groups],
         })  # fmt: skip

@@ -93,6 +93,30 @@ def test_freeze_fc_freezes_the_last_layer_and_leaves_fc1_and_fc2_training(tiny_d
         assert not torch.equal(tuned[name], source[name]), name
 
 
+def test_freezing_a_container_keeps_every_batchnorm_inside_it_in_eval_mode_with_its_statistics(tiny_data, tmp_path):
+    # ResNet-8's layer1 is a Sequential of one residual block holding two BatchNorm layers: freeze names the
+    # container, and each BatchNorm below it must normalize with its stored statistics at every step.
+    resnet8 = ["data=cifar10", "model=resnet8", "callbacks.conv_images=null"]
+    source = tmp_path / "source"
+    train(compose_config(quick_run(tiny_data, *resnet8, "trainer.max_epochs=1"), source))
+    start = model_weights(source / "checkpoints" / "best.ckpt")
+    overrides = quick_run(tiny_data, *resnet8, f"init_from={source / 'checkpoints' / 'best.ckpt'}", "freeze=[layer1]",
+                          "trainer.max_epochs=2", *probe(tmp_path / "probe", "layer1"))  # fmt: skip
+    train(compose_config(overrides, tmp_path / "tuned"))
+    steps = probed(tmp_path / "probe")["steps"]
+    assert len(steps) == 2 * 13  # 400 training images in batches of 32, two epochs
+    for step in steps:
+        assert step["batchnorm_training"] == {"0.bn1": False, "0.bn2": False}, step
+    tuned = model_weights(tmp_path / "tuned" / "checkpoints" / "last.ckpt")
+    frozen = [name for name in start if name.startswith("layer1.")]
+    assert len(frozen) == 12  # two convolutions, two BatchNorms (weight, bias, mean, var, step count)
+    for name in frozen:
+        assert torch.equal(tuned[name], start[name]), name
+    for name in ("bn1.running_mean", "layer2.0.bn1.running_mean", "layer2.0.conv1.weight"):
+        assert not torch.equal(tuned[name], start[name]), name  # the rest trains
+    assert start["layer1.0.bn1.num_batches_tracked"] > 0  # statistics the source run gathered, not fresh ones
+
+
 @pytest.mark.parametrize("name", ["f", "fc1.w", "fc."])
 def test_a_freeze_name_that_is_no_whole_module_name_is_refused(tiny_data, tmp_path, name):
     with pytest.raises(UserError, match=rf"{name!r} names no part of LeNet5.*conv1, bn1"):

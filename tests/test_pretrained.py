@@ -241,3 +241,14 @@ def test_the_config_target_names_the_builder_even_after_its_module_is_imported()
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=script_env())
     assert result.returncode == 0 and result.stdout.split() == ["torchvision_net"], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("arch", ["googlenet", "inception_v3"])
+def test_backbones_that_return_auxiliary_outputs_while_training_are_refused_before_any_data_is_read(tmp_path, arch):
+    # Their forward returns a tuple of logits while training, which the classifier's loss cannot take.
+    folder = make_image_folder(tmp_path / "folder", n_train=40, n_test=10)
+    overrides = quick_run(folder, f"model.arch={arch}", "model.weights=null", model="torchvision", data="folder")
+    with pytest.raises(UserError, match=rf"arch='{arch}' is not a torchvision classification model.*auxiliary") as err:
+        train(compose_config(overrides, tmp_path / "run"))
+    assert "\n" not in str(err.value)
+    assert not (folder / ".cnnlab-cache").exists() and not (tmp_path / "run" / "metrics.json").exists()
