@@ -111,3 +111,17 @@ def test_the_shipped_recipes_dispatch_few_operations_a_step_beside_the_plain_loo
     assert 50 < plain <= ours <= plain + FRAMEWORK_OPS
     if most is not None:
         assert ours <= most
+
+
+def test_augmenting_each_epoch_takes_a_dozen_operations_off_the_step_of_both_paths(tiny_data, tmp_path):
+    """data.augment_each=epoch on the record recipe: the crop and flip leave the step (a slice remains), in the
+    project's path and in the plain loop alike, and the project still adds no more than FRAMEWORK_OPS."""
+    counts = {}
+    for each in ("batch", "epoch"):
+        extra = ["experiment=cifar10_record", "data.batch_size=32", "model.widths=[8,8,8]", "compare=[plain]"]
+        extra += ["count_ops_steps=10", f"data.augment_each={each}"]
+        result = benchmark(bench_config(tiny_data, tmp_path / each, "device=cpu", *extra))
+        counts[each] = result["lightning_ops_per_step"], result["plain_ops_per_step"]
+    (ours_batch, plain_batch), (ours_epoch, plain_epoch) = counts["batch"], counts["epoch"]
+    assert ours_epoch <= ours_batch - 12 and plain_epoch <= plain_batch - 12, counts
+    assert plain_epoch <= ours_epoch <= plain_epoch + FRAMEWORK_OPS, counts

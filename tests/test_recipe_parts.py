@@ -50,8 +50,14 @@ def epoch_batches(datamodule, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # --- training augmentation -------------------------------------------------------------------------------------------
-def test_alternating_flip_mirrors_each_image_in_exactly_one_of_two_consecutive_epochs(tiny_data, tmp_path):
-    dm = cifar_datamodule(tiny_data, tmp_path, "data.flip=alternating", "data.crop_padding=0")
+AUGMENT_EACH = pytest.mark.parametrize("each", ["batch", "epoch"])  # data.augment_each: the same augmentation
+
+
+@AUGMENT_EACH
+def test_alternating_flip_mirrors_each_image_in_exactly_one_of_two_consecutive_epochs(tiny_data, tmp_path, each):
+    dm = cifar_datamodule(
+        tiny_data, tmp_path, "data.flip=alternating", "data.crop_padding=0", f"data.augment_each={each}"
+    )
     train_images = dm.splits["train"][0]
     plain = dm.batch_transform(augment=False)
     mirrored_per_epoch = []
@@ -68,8 +74,11 @@ def test_alternating_flip_mirrors_each_image_in_exactly_one_of_two_consecutive_e
         assert torch.all(this ^ following)
 
 
-def test_reflect_translation_fills_the_border_with_the_mirrored_image_within_the_padding(tiny_data, tmp_path):
-    dm = cifar_datamodule(tiny_data, tmp_path, "data.crop_pad_mode=reflect", "data.flip=none")
+@AUGMENT_EACH
+def test_reflect_translation_fills_the_border_with_the_mirrored_image_within_the_padding(tiny_data, tmp_path, each):
+    dm = cifar_datamodule(
+        tiny_data, tmp_path, "data.crop_pad_mode=reflect", "data.flip=none", f"data.augment_each={each}"
+    )
     assert dm.crop_padding == 4
     images, order = epoch_batches(dm, 0)
     source = dm.splits["train"][0][order].numpy()
@@ -102,6 +111,53 @@ def test_torchvision_reflect_crop_is_a_translation_the_tensor_path_makes(tiny_da
     for i in range(20):
         image = transform(Image.fromarray(source[i].permute(1, 2, 0).numpy()))
         assert (candidates[i] - image).abs().flatten(1).max(1).values.min() < 1e-5
+
+
+@pytest.mark.parametrize("each", ["batch", "epoch"])
+def test_an_epoch_resumed_after_some_batches_serves_the_batches_an_uninterrupted_epoch_would(tiny_data, tmp_path, each):
+    # The record recipe's augmentation (reflect translation, alternating flip), epoch 1 of a run stopped after 3 of
+    # its 13 batches: a fresh loader given the stopped one's state serves the other 10, bit for bit.
+    settings = [
+        "data.crop_pad_mode=reflect",
+        "data.flip=alternating",
+        "data.crop_padding=2",
+        f"data.augment_each={each}",
+    ]
+    dm = cifar_datamodule(tiny_data, tmp_path, *settings)
+    whole = dm.train_dataloader()
+    whole.sampler.set_epoch(1)
+    uninterrupted = list(whole)
+    assert len(uninterrupted) == 13  # 400 training images in batches of 32
+    stopped = cifar_datamodule(tiny_data, tmp_path / "stopped", *settings).train_dataloader()
+    stopped.sampler.set_epoch(1)
+    served = iter(stopped)
+    for _ in range(3):
+        next(served)
+    resumed = cifar_datamodule(tiny_data, tmp_path / "resumed", *settings).train_dataloader()
+    resumed.load_state_dict(stopped.state_dict())
+    rest = list(resumed)
+    assert len(rest) == 10
+    for (x, y), (ux, uy) in zip(rest, uninterrupted[3:], strict=True):
+        assert torch.equal(x, ux) and torch.equal(y, uy)
+
+
+def test_augmenting_each_epoch_draws_other_crops_than_each_batch_from_the_same_stream(tiny_data, tmp_path):
+    # The two modes are alternatives, not one computation: a mode that ignored the setting would pass the tests
+    # above either way.
+    images = {}
+    for each in ("batch", "epoch"):
+        dm = cifar_datamodule(tiny_data, tmp_path / each, "data.crop_pad_mode=reflect", f"data.augment_each={each}")
+        images[each], _ = epoch_batches(dm, 0)
+    assert images["batch"].shape == images["epoch"].shape
+    assert not torch.equal(images["batch"][32:], images["epoch"][32:])
+
+
+def test_augmenting_each_epoch_is_refused_on_the_torchvision_loader_before_any_data_is_read(tmp_path):
+    with pytest.raises(InstantiationException) as raised:
+        cifar_datamodule(tmp_path / "no data here", tmp_path, "data.loader=torchvision", "data.augment_each=epoch")
+    assert isinstance(raised.value.__cause__, UserError)
+    assert "data.augment_each=epoch needs data.loader=tensor" in str(raised.value.__cause__)
+    assert "\n" not in str(raised.value.__cause__)
 
 
 def test_alternating_flip_is_refused_on_the_torchvision_loader(tiny_data, tmp_path):

@@ -17,18 +17,35 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from cnnlab.data.tensor_loader import FLIPS, PAD_MODES, BatchTransform, EpochSampler, TensorLoader, flip_mode
+from cnnlab.data.tensor_loader import (
+    AUGMENT_EACH,
+    FLIPS,
+    PAD_MODES,
+    BatchTransform,
+    EpochSampler,
+    TensorLoader,
+    flip_mode,
+)
 from cnnlab.errors import UserError
 
 LOADERS = ("tensor", "torchvision")
 
 
-def check_augmentation(flip: str, crop_pad_mode: str, loader: str) -> None:
-    """Refuse data.flip and data.crop_pad_mode values that are not known, or that the loader cannot apply."""
+def check_augmentation(flip: str, crop_pad_mode: str, loader: str, augment_each: str = "batch") -> None:
+    """Refuse data.flip, data.crop_pad_mode and data.augment_each values that are not known, or that the loader
+    cannot apply."""
     if flip not in FLIPS:
         raise UserError(f"data.flip={flip!r} is not known; choose one of {', '.join(FLIPS)} (true means random).")
     if crop_pad_mode not in PAD_MODES:
         raise UserError(f"data.crop_pad_mode={crop_pad_mode!r} is not known; choose one of {', '.join(PAD_MODES)}.")
+    if augment_each not in AUGMENT_EACH:
+        raise UserError(f"data.augment_each={augment_each!r} is not known; choose one of {', '.join(AUGMENT_EACH)}.")
+    if augment_each == "epoch" and loader != "tensor":
+        raise UserError(
+            f"data.augment_each=epoch needs data.loader=tensor, which holds the images as one tensor to augment at "
+            f"each epoch's start; data.loader={loader} transforms each image as its DataLoader worker reads it. Use "
+            "data.loader=tensor, or data.augment_each=batch."
+        )
     if flip == "alternating" and loader != "tensor":
         # A per-image torchvision transform knows neither its image's index nor the epoch, which alternating needs.
         raise UserError(
@@ -74,6 +91,7 @@ class ImageDataModule(L.LightningDataModule):
         crop_padding: int = 0,
         crop_pad_mode: str = "zeros",
         flip: bool | str = False,
+        augment_each: str = "batch",
         drop_last: bool = False,
         download: bool = True,
         num_classes: int | None = 10,
@@ -91,7 +109,8 @@ class ImageDataModule(L.LightningDataModule):
         self.loader, self.num_workers, self.download = loader, num_workers, download
         self.augment, self.crop_padding, self.crop_pad_mode = augment, crop_padding, crop_pad_mode
         self.flip = flip_mode(flip)  # true/false: random/none, as configs written before the modes say
-        check_augmentation(self.flip, crop_pad_mode, loader)
+        self.augment_each = augment_each
+        check_augmentation(self.flip, crop_pad_mode, loader, augment_each)
         self.drop_last = drop_last
         self.num_classes, self.image_shape = num_classes, tuple(image_shape)
         # None: found in the files by discover() (a folder's classes and pixel statistics, CIFAR-100's class names).
@@ -257,7 +276,8 @@ class ImageDataModule(L.LightningDataModule):
         if self.loader == "tensor":
             rank, world_size = getattr(self, "rank", 0), getattr(self, "world_size", 1)
             sampler = EpochSampler(len(labels), shuffle, self.seed, rank, world_size, pad=split == "train")
-            return TensorLoader(images, labels, batch_size, sampler, self.batch_transform(augment), drop_last)
+            transform = self.batch_transform(augment)
+            return TensorLoader(images, labels, batch_size, sampler, transform, drop_last, self.augment_each)
         dataset = ImageTensorDataset(images, labels, self.image_transform(augment))
         return DataLoader(
             dataset,

@@ -140,7 +140,8 @@ def plain_steps(
     step's number before the step runs, for plain_rate and plain_ops to time or count the steps they want.
 
     Like for like with the project's path: the same uint8 images on the device, the same per-batch transform
-    (normalization, and the crop and flip the data config asks for), the same optimizer settings (its foreach
+    (normalization, and the crop and flip the data config asks for, per batch or per epoch as data.augment_each
+    says), the same optimizer settings (its foreach
     update), precision, memory format and cuDNN autotuning (trainer.benchmark), so a/b measures the framework, not
     work only one path does.
     """
@@ -158,14 +159,22 @@ def plain_steps(
     batch_size, n = cfg.data.batch_size, len(labels)
     order = torch.randperm(n, device=device)
     first_flips = first_epoch_flips(cfg.seed, n, device) if transform.flip == "alternating" else None
+    each_epoch = transform.augments and cfg.data.get("augment_each") == "epoch"
+    augmented, augmented_epoch = None, -1
     for step in range(cfg.warmup_steps + cfg.steps):
         yield step
-        i = (step * batch_size) % (n - batch_size + 1)
-        idx = order[i : i + batch_size]
-        flips = None if first_flips is None else first_flips[idx] ^ bool(step * batch_size // n % 2)
-        x = transform(images[idx], flips=flips).contiguous(memory_format=memory_format)
+        i, epoch = (step * batch_size) % (n - batch_size + 1), step * batch_size // n
+        if each_epoch:  # the epoch's images cropped and flipped at its first step, then sliced
+            if epoch != augmented_epoch:
+                flips = None if first_flips is None else first_flips[order] ^ bool(epoch % 2)
+                augmented, augmented_epoch = transform.augment(images[order], flips=flips), epoch
+            x = transform.normalize(augmented[i : i + batch_size]).contiguous(memory_format=memory_format)
+        else:
+            idx = order[i : i + batch_size]
+            flips = None if first_flips is None else first_flips[idx] ^ bool(epoch % 2)
+            x = transform(images[idx], flips=flips).contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = criterion(model(x), labels[idx])
+            loss = criterion(model(x), labels[order[i : i + batch_size]])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
