@@ -60,6 +60,34 @@ def test_the_step_clock_waits_for_the_device_before_each_reading(tiny_data, tmp_
     assert all(events[i - 1] == "wait" for i in reads)
 
 
+class SlowFirstEpoch(Callback):
+    """Each step of the first epoch takes `seconds` longer, as cuDNN autotuning and first-call caches make it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.current_epoch == 0:
+            time.sleep(self.seconds)
+
+
+def test_the_steady_step_time_leaves_out_the_first_epoch_and_names_its_steps(tiny_data, tmp_path):
+    durations = StepDurations()
+    metrics = train(compose_config(short(tiny_data, "trainer.max_epochs=3", "data.val_size=0"), tmp_path),
+                    [SlowFirstEpoch(0.25), durations])  # fmt: skip
+    assert metrics["warmup_steps"] == BATCHES and len(durations.steps) == 3 * BATCHES
+    steady = durations.steps[BATCHES:]  # the steps of epochs 2 and 3, each timed here on its own
+    assert min(durations.steps[:BATCHES]) >= 0.25 > max(steady)
+    assert 1000 * sum(steady) / len(steady) <= metrics["steady_step_ms"] <= 1000 * max(steady) + 50
+    # the steady seconds are the part of train_seconds after the slow epoch
+    assert metrics["steady_step_ms"] * 2 * BATCHES / 1000 <= metrics["train_seconds"] - sum(durations.steps[:BATCHES])
+
+
+def test_a_run_of_one_epoch_has_no_steady_step_time(tiny_data, tmp_path):
+    metrics = train(compose_config(short(tiny_data, "trainer.max_epochs=1"), tmp_path))
+    assert metrics["steady_step_ms"] is None and metrics["warmup_steps"] == BATCHES
+
+
 def test_a_resumed_run_reports_the_seconds_and_images_per_second_of_the_whole_run(tiny_data, tmp_path):
     first = train(compose_config(short(tiny_data, "trainer.max_epochs=1"), tmp_path))
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -74,6 +102,10 @@ def test_a_resumed_run_reports_the_seconds_and_images_per_second_of_the_whole_ru
     assert resumed["train_seconds"] >= clock_state["seconds"] + sum(durations.steps) - 2e-3  # metrics round to 1 ms
     images = 2 * BATCHES * 32  # both epochs' batches of data.batch_size=32
     assert resumed["train_images_per_second"] == pytest.approx(images / resumed["train_seconds"], rel=0.01)
+    # the first epoch's steps stay its warm-up; the second, run after the resume, is the steady part
+    assert resumed["warmup_steps"] == BATCHES and clock_state["steady_batches"] == 0
+    assert 1000 * sum(durations.steps) / BATCHES <= resumed["steady_step_ms"]
+    assert resumed["steady_step_ms"] * BATCHES / 1000 <= resumed["train_seconds"] - clock_state["seconds"] + 2e-3
 
 
 def test_each_job_of_a_sweep_reports_its_own_wall_time(tiny_data, tmp_path):
@@ -164,3 +196,12 @@ def test_the_phase_table_puts_each_part_of_a_run_where_it_happened(tiny_data, tm
     assert inside <= metrics["wall_seconds"] - phases["start-up"] + 0.01  # checkpoints fall inside the fit loop
     shown = capsys.readouterr().out
     assert all(f"  {name}" in shown for name in names)
+
+
+def test_the_final_table_shows_the_steady_step_time_where_a_run_has_one(tiny_data, tmp_path):
+    from cnnlab.commands.console import summary_rows
+
+    metrics = train(compose_config(short(tiny_data, "data.val_size=0"), tmp_path))
+    rows = dict(summary_rows(metrics))
+    assert rows["steady step"] == f"{metrics['steady_step_ms']:.1f} ms (after the first epoch's {BATCHES})"
+    assert "steady step" not in dict(summary_rows({**metrics, "steady_step_ms": None}))

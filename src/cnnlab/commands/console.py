@@ -73,6 +73,11 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
         ("epochs", str(metrics["epochs"]) + (" (stopped early)" if metrics.get("stopped_early") else "")),
         ("steps", f"{metrics['global_step']:,}"),
         ("training time", f"{metrics['train_seconds']:.1f} s (steps only)"),
+        *(
+            [("steady step", f"{metrics['steady_step_ms']:.1f} ms (after the first epoch's {metrics['warmup_steps']})")]
+            if metrics.get("steady_step_ms") is not None
+            else []
+        ),
         ("wall time", f"{metrics['wall_seconds']:.1f} s (from the job's start)" if "wall_seconds" in metrics else "-"),
         *((f"  {name}", f"{seconds:.1f} s") for name, seconds in (metrics.get("phases") or {}).items()),
         ("throughput", f"{metrics['train_images_per_second']:,.0f} images/s"),

@@ -175,6 +175,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
     checkpoint = next(best, None)  # best.ckpt's; None where the config turns it off or there is no validation
     best_path = checkpoint.best_model_path if checkpoint else ""
     train_seconds = max(clock.seconds, 1e-9)  # every stretch of steps of the run, those before a resume too
+    steady = clock.steady_step_ms()
     metrics: dict[str, Any] = {
         "status": "finished",
         "epochs": trainer.current_epoch,
@@ -183,6 +184,9 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] | None = None) -> d
         # Every process takes data.batch_size images per step: the global batch is that times the world size.
         "global_batch_size": datamodule.batch_size * trainer.world_size,
         "train_images_per_second": round(clock.batches * datamodule.batch_size * trainer.world_size / train_seconds, 1),
+        # A step's time after the first epoch, and how many steps that first epoch held (cnnlab.training.step_clock)
+        "steady_step_ms": None if steady is None else round(steady, 3),
+        "warmup_steps": clock.warmup_batches,
         "val_acc_best": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score else None,
         "best_checkpoint": best_path or None,
         **early_stopping_record(trainer),  # stopped_early, stopped_epoch

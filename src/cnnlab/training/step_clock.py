@@ -25,6 +25,12 @@ class StepClock(L.Callback):
     two ends of each stretch of steps only, never inside one. Lightning's Timer callback times whole stages (its
     training time holds the validation that runs inside each epoch), so it cannot give the steps alone.
 
+    Apart, the steady steps: those of every epoch after the first (steady_seconds, steady_batches), whose mean is a
+    step's time once the first epoch's one-off costs are paid (cuDNN autotuning for each batch shape, allocator
+    growth, first-call caches, a compiled model's compilation), as the records time their runs after a warm-up run.
+    warmup_batches counts the first epoch's steps. The clock reads stay at the stretches' ends: a per-step reading
+    would make the host wait for the device at every step.
+
     The seconds and the batches timed travel in the checkpoint (Lightning saves a callback's state_dict), so a
     resumed run's figures cover the whole run, the steps before the resume too.
     """
@@ -33,19 +39,41 @@ class StepClock(L.Callback):
         self.seconds = 0.0
         self.batches = 0  # training batches timed: the images per second are batches x batch size / seconds
         self.started: float | None = None  # when the running stretch of steps began; None between stretches
+        self.steady = False  # whether the running stretch is of an epoch after the first
+        self.stretch_batches = 0
+        self.steady_seconds, self.steady_batches, self.warmup_batches = 0.0, 0, 0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.started is None:
             wait_for(pl_module.device)
             self.started = clock()
+            self.steady, self.stretch_batches = trainer.current_epoch > 0, 0
         self.batches += 1
+        self.stretch_batches += 1
+        if not self.steady:
+            self.warmup_batches += 1
+
+    def steady_step_ms(self) -> float | None:
+        """Mean milliseconds of a steady step; None for a run of one epoch."""
+        return 1000 * self.steady_seconds / self.steady_batches if self.steady_batches else None
 
     def state_dict(self) -> dict[str, Any]:
         running = clock() - self.started if self.started is not None else 0.0  # a save inside a stretch of steps
-        return {"seconds": self.seconds + running, "batches": self.batches}
+        steady = (running, self.stretch_batches) if self.steady else (0.0, 0)
+        return {
+            "seconds": self.seconds + running,
+            "batches": self.batches,
+            "steady_seconds": self.steady_seconds + steady[0],
+            "steady_batches": self.steady_batches + steady[1],
+            "warmup_batches": self.warmup_batches,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seconds, self.batches = float(state_dict["seconds"]), int(state_dict["batches"])
+        # Checkpoints from before the steady figures: their steps count as neither.
+        self.steady_seconds = float(state_dict.get("steady_seconds", 0.0))
+        self.steady_batches = int(state_dict.get("steady_batches", 0))
+        self.warmup_batches = int(state_dict.get("warmup_batches", 0))
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close(pl_module)  # after an epoch's last step (or mid-epoch, with val_check_interval)
@@ -60,5 +88,9 @@ class StepClock(L.Callback):
         if self.started is None:
             return
         wait_for(pl_module.device)
-        self.seconds += clock() - self.started
+        seconds = clock() - self.started
+        self.seconds += seconds
+        if self.steady:
+            self.steady_seconds += seconds
+            self.steady_batches += self.stretch_batches
         self.started = None
