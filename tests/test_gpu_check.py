@@ -19,10 +19,12 @@ import torch
 from cnnlab.tools.gpu_check import (
     cifar_with_string_keys,
     parse_junit,
+    parse_peer_epochs,
     parse_peer_output,
     parse_pytest_log,
     peak_bf16_tflops,
     peer_comparison,
+    peer_steady_step_ms,
     problems,
     render_markdown,
     share_of_peak,
@@ -222,12 +224,24 @@ def test_tiny_rehearsal_runs_every_part_and_writes_both_reports(tiny_data, tmp_p
     assert peer_run["returncode"] == 0 and peer_run["runs"] == [{"test_acc": 0.93, "seconds": 4.0}]
     assert not list(REPO.glob("cifar10")) and (out / "runs" / "peer" / "saw_data").is_file()  # run in its own folder
     assert not (out / "runs" / "peer_data").exists()  # the peer's string-keyed copy goes once the peer has run
+    assert peer_run["steady_step_ms"] == pytest.approx(5.0)  # its second epoch row: 2.14 s over 428 steps
+    cold = peer_run["cold"]
+    assert cold["returncode"] == 0 and cold["test_acc"] == 0.93
+    assert "warmup" not in Path(cold["log"]).read_text() and (out / "runs" / "peer_cold" / "saw_data").is_file()
+    record = result["recipes"]["cifar10_record"]
+    written = [json.loads((out / "runs" / "cifar10_record" / f"seed{s}" / "metrics.json").read_text()) for s in (42, 1)]
+    assert all(w["warmup_steps"] > 0 and w["steady_step_ms"] > 0 for w in written)
+    assert record["steady_step_ms"] == pytest.approx(sum(w["steady_step_ms"] for w in written) / 2)
+    assert record["cold_wall_seconds"] == record["runs"][0]["wall_seconds"]
     versus = peer_comparison(result)
+    assert versus["warm_step_ratio"] == pytest.approx(record["steady_step_ms"] / 5.0, abs=1e-3)
+    assert versus["cold_ratio"] == pytest.approx(record["cold_wall_seconds"] / cold["wall_seconds"], abs=1e-3)
     assert versus["points_behind_peer"] == pytest.approx(100 * (0.93 - result["recipes"]["cifar10_record"]["test_acc"]))
     assert versus["time_ratio"] == pytest.approx(result["recipes"]["cifar10_record"]["train_seconds"] / 4.0, abs=1e-3)
     text = (out / "gpu_check.md").read_text()
     assert "a CPU rehearsal" in text and "## Benchmark" in text and "| cifar10_record | 42, 1 |" in text
     assert "## Beside the peer" in text and "time ratio project/peer" in text
+    assert "Warm, a steady step after the first epoch" in text and "Cold, a fresh process" in text
 
 
 @NEEDS_NO_GPU
@@ -303,6 +317,8 @@ def write_fake_peer(path: Path, acc: float, seconds: float) -> str:
     string keys, as in the official archive) and prints its table's rows, warm-up first."""
     head = "|  run   |  epoch  |  train_loss  |  train_acc  |  val_acc  |  tta_val_acc  |  total_time_seconds  |"
     epoch = "|  {run:>6}  |      0  |      2.0000  |     0.3000  |   0.2000  |               |    1.0000  |"
+    # the second epoch's row: 428 steps of 5 ms after the first
+    second = "|          |      1  |      2.0000  |     0.3000  |   0.2000  |               |    3.1400  |"
     final = f"|        |   eval  |      1.0000  |     0.6000  |   0.5000  |       {acc:.4f}  |    {seconds:.4f}  |"
     path.write_text(
         textwrap.dedent(
@@ -317,6 +333,7 @@ def write_fake_peer(path: Path, acc: float, seconds: float) -> str:
             runs = ["warmup"] * (os.environ.get("WARMUP", "1") == "1") + list(range(int(os.environ["RUNS"])))
             for run in runs:
                 print({epoch!r}.format(run=run))
+                print({second!r})
                 print({final!r})
             print("Mean: {acc:.4f}    Std: 0.0000")
             """
@@ -354,6 +371,11 @@ def test_the_peers_table_gives_each_timed_run_without_its_warm_up_run():
         """
     )
     assert parse_peer_output(out) == [{"test_acc": 0.9401, "seconds": 3.83}, {"test_acc": 0.9399, "seconds": 3.9}]
+    assert parse_peer_epochs(out) == [[1.0, 2.0], [1.0]]  # each timed run's epoch rows, cumulative seconds
+    warm_up_later = out.replace("|  warmup  |", "|  spare  |").replace("|       1  |", "|  warmup  |")
+    assert parse_peer_epochs(warm_up_later) == [[1.0], [1.0, 2.0]]  # a warm-up's rows join no timed run
+    # the steps after the first epoch: ceil(48 x 9.9) = 476 in all, 48 in the first
+    assert peer_steady_step_ms([1.0, 2.0]) == pytest.approx(1000 / 428) and peer_steady_step_ms([1.0]) is None
 
 
 def test_a_peer_path_that_is_not_a_file_stops_the_check_naming_it(tiny_data, tmp_path):

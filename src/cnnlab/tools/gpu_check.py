@@ -5,9 +5,11 @@
 In turn, each part in its own process and within its own time budget (the whole stays under 9 minutes on one H100):
 1. `experiment=mnist_fast` trained on the GPU in float32 (scripts/train.py), seed 42;
 2. `experiment=cifar10_record` trained on the GPU (`trainer=gpu`: bf16, cuDNN autotuning), seeds 42, 1 and 2;
-3. with --peer <airbench94_gpu.py>, that reference program on the same data and GPU, 3 runs, set beside the record
-   recipe's seeds: both accuracies and both times in one table, and their ratio. The peer is not part of the
-   project: its path is given, and the report says when it is not;
+3. with --peer <airbench94_gpu.py>, that reference program on the same data and GPU, 3 runs after its warm-up run
+   and then once more in a fresh process without one, set beside the record recipe's seeds: both accuracies and
+   both times in one table, and their ratios warm (a steady step after the first epoch, each) and cold (a fresh
+   process, start to exit, each). The peer is not part of the project: its path is given, and the report says
+   when it is not;
 4. the benchmark (scripts/benchmark.py) of ResNet-18 on CIFAR-10 in bf16 with channels-last: images/s of the
    project's path (a) and of a plain PyTorch loop doing the same work (b), a/b, and the share of the GPU's peak
    bf16 FLOP/s they reach;
@@ -46,7 +48,8 @@ SRC, SCRIPTS, TESTS = REPO / "src", REPO / "scripts", REPO / "tests"
 # (docs/gpu.md): mnist_fast 22 s from process start, cifar10_record 25-31 s a seed (92 s for three in the machine's
 # first call), the peer 25-29 s for its warm-up run and 3 runs, the benchmark 36 s, the tests 126 s. The
 # budgets leave room and sum to 9 minutes, so that one call of 10 minutes on a GPU machine covers the check.
-BUDGETS = {"mnist_fast": 40, "cifar10_record": 180, "peer": 80, "benchmark": 60, "tests": 180}
+# The peer's part also runs it once more cold (a fresh process, no warm-up run): 30 s more; the tests keep 150 s.
+BUDGETS = {"mnist_fast": 40, "cifar10_record": 180, "peer": 110, "benchmark": 60, "tests": 150}
 TOTAL_BUDGET = sum(BUDGETS.values())
 
 # Dense bf16 Tensor Core peaks in TFLOP/s: half the "with sparsity" bf16 figures of NVIDIA's datasheets ("NVIDIA
@@ -71,18 +74,28 @@ BENCHMARK = ["trainer.precision=bf16-mixed", "channels_last=true", "compare=[lig
 # CPUs), one short epoch, small batches. It runs every part's code, but measures nothing.
 TINY_TRAIN = [
     "trainer.accelerator=cpu",
-    "trainer.max_epochs=1",
+    "trainer.max_epochs=2",  # a second epoch: the steady steps after the first
     "data.batch_size=32",
     "data.eval_batch_size=64",
 ]
 TINY_RESNET = ["model.widths=[8,16,32,64]", "trainer.precision=32-true"]
 TINY_AIRBENCH = ["model.widths=[8,16,16]", "trainer.precision=32-true"]
-TINY_BENCHMARK = ["data.batch_size=8", "data.val_size=100", "warmup_steps=1", "steps=3", "repeats=1"]
+TINY_BENCHMARK = [
+    "data.batch_size=8",
+    "data.val_size=100",
+    "warmup_steps=1",
+    "steps=3",
+    "repeats=1",
+    "count_ops_steps=2",
+]
 
 # The recipes trained, with their seeds: the CIFAR-10 recipe over 3 seeds, as its accuracy is stated (a mean).
 RECIPE_SEEDS = {"mnist_fast": (42,), "cifar10_record": (42, 1, 2)}
 PEER_RECIPE = "cifar10_record"  # the project's recipe set beside the peer
 PEER_RUNS = 3
+# airbench94's steps, from its hyperparameters (batch 1024, 9.9 epochs, a training loader that drops the last partial
+# batch): 50,000 // 1024 = 48 a epoch, ceil(48 x 9.9) = 476 in all; its epoch rows give cumulative seconds only.
+PEER_STEPS_PER_EPOCH, PEER_TOTAL_STEPS = 48, 476
 
 NO_GPU = (
     "No CUDA GPU is visible to PyTorch here ({build}), so there is nothing for scripts/gpu_check.py to check or "
@@ -174,6 +187,32 @@ def parse_peer_output(text: str) -> list[dict[str, float]]:
         if cells[1] == "eval" and label != "warmup":
             runs.append({"test_acc": float(cells[5]), "seconds": float(cells[6])})
     return runs
+
+
+def parse_peer_epochs(text: str) -> list[list[float]]:
+    """Each timed run's epoch rows' cumulative seconds (total_time_seconds; the first row's include the whitening
+    set-up), in order, its warm-up run left out."""
+    runs: list[list[float]] = []
+    label = ""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 7 or cells[1] in ("epoch", ""):
+            continue
+        if cells[0]:
+            label = cells[0]
+            if label != "warmup":
+                runs.append([])
+        if cells[1] != "eval" and label != "warmup" and runs:  # the warm-up run's rows belong to no timed run
+            runs[-1].append(float(cells[6]))
+    return runs
+
+
+def peer_steady_step_ms(epoch_seconds: list[float]) -> float | None:
+    """A steady step of the peer in ms: the seconds from its first epoch's end to its last one's over the steps
+    between (PEER_TOTAL_STEPS less the first epoch's), as the project's steady_step_ms leaves out its first epoch."""
+    if len(epoch_seconds) < 2:
+        return None
+    return 1000 * (epoch_seconds[-1] - epoch_seconds[0]) / (PEER_TOTAL_STEPS - PEER_STEPS_PER_EPOCH)
 
 
 def mean(values: list[float]) -> float | None:
@@ -344,7 +383,8 @@ class Check:
             metrics_file = self.out / "runs" / recipe / f"seed{seed}" / "metrics.json"
             if run["returncode"] == 0 and metrics_file.is_file():
                 metrics = json.loads(metrics_file.read_text())
-                for key in ("status", "test_acc", "val_acc_best", "epochs", "train_seconds", "train_images_per_second"):
+                for key in ("status", "test_acc", "val_acc_best", "epochs", "train_seconds", "train_images_per_second",
+                            "steady_step_ms", "warmup_steps"):  # fmt: skip
                     run[key] = metrics.get(key)
             runs.append(run)
             if run["returncode"] != 0 or run["timed_out"]:
@@ -362,9 +402,11 @@ class Check:
         }
         if failed and failed.get("log_tail"):
             summary["log_tail"] = failed["log_tail"]
-        for key in ("test_acc", "val_acc_best", "epochs", "train_seconds", "train_images_per_second"):
+        for key in ("test_acc", "val_acc_best", "epochs", "train_seconds", "train_images_per_second", "steady_step_ms"):
             values = [r[key] for r in done if r.get(key) is not None]
             summary[key] = mean(values)
+        # cold: the first seed's whole process, from its start (imports, data, warm-up, test) to its exit
+        summary["cold_wall_seconds"] = runs[0]["wall_seconds"] if runs[0].get("test_acc") is not None else None
         summary["test_acc_min"] = min((r["test_acc"] for r in done), default=None)
         self.result["recipes"][recipe] = summary
 
@@ -396,16 +438,33 @@ class Check:
             env.update(RUNS="1", WARMUP="0")
         try:
             run = run_logged([sys.executable, str(self.peer)], log, self.time_left("peer"), cwd=folder, env=env)
+            output = Path(run["log"]).read_text(errors="replace")
+            runs = parse_peer_output(output)
+            steady = [peer_steady_step_ms(epochs) for epochs in parse_peer_epochs(output)]
+            run.update(
+                file=str(self.peer),
+                runs=runs,
+                test_acc=mean([r["test_acc"] for r in runs]),
+                seconds=mean([r["seconds"] for r in runs]),
+                steady_step_ms=mean([ms for ms in steady if ms is not None]),
+            )
+            self.result["peer"] = run
+            self.save()
+            left = self.time_left("peer") - (time.perf_counter() - started)
+            run["cold"] = self.run_peer_cold(cifar, left) if run["returncode"] == 0 else None
         finally:
             shutil.rmtree(copy, ignore_errors=True)  # 180 MB the peer no longer needs (it keeps its own tensor copy)
+
+    def run_peer_cold(self, cifar: Path, seconds: float) -> dict[str, Any]:
+        """The peer once in a fresh process without its warm-up run (WARMUP=0 RUNS=1), timed as a whole process, as
+        the recipe's first seed is: start-up, data, cuDNN autotuning and its test pass included."""
+        folder = fresh_dir(self.out / "runs" / "peer_cold")
+        folder.mkdir(parents=True)
+        env = {"CIFAR_ROOT": str(cifar), "RUNS": "1", "WARMUP": "0"}
+        run = run_logged([sys.executable, str(self.peer)], self.out / "logs" / "peer_cold.log", seconds, folder, env)
         runs = parse_peer_output(Path(run["log"]).read_text(errors="replace"))
-        run.update(
-            file=str(self.peer),
-            runs=runs,
-            test_acc=mean([r["test_acc"] for r in runs]),
-            seconds=mean([r["seconds"] for r in runs]),
-        )
-        self.result["peer"] = run
+        run["test_acc"] = runs[0]["test_acc"] if runs else None
+        return run
 
     def run_benchmark(self) -> None:
         run_dir = fresh_dir(self.out / "runs" / "benchmark")
@@ -480,6 +539,8 @@ def peer_comparison(result: dict[str, Any]) -> dict[str, Any] | None:
     if peer.get("test_acc") is None or recipe.get("test_acc") is None:
         return None
     ratio = recipe["train_seconds"] / peer["seconds"] if recipe.get("train_seconds") and peer["seconds"] else None
+    cold = peer.get("cold") or {}
+    peer_cold = cold.get("wall_seconds") if cold.get("test_acc") is not None else None  # a cold run that scored
     return {
         "recipe": PEER_RECIPE,
         "project_test_acc": recipe["test_acc"],
@@ -488,7 +549,18 @@ def peer_comparison(result: dict[str, Any]) -> dict[str, Any] | None:
         "project_train_seconds": recipe.get("train_seconds"),
         "peer_seconds": peer["seconds"],
         "time_ratio": round(ratio, 3) if ratio is not None else None,
+        # warm: a steady step of each, after its first epoch; cold: a fresh process of each, start to exit
+        "project_steady_step_ms": recipe.get("steady_step_ms"),
+        "peer_steady_step_ms": peer.get("steady_step_ms"),
+        "warm_step_ratio": _ratio(recipe.get("steady_step_ms"), peer.get("steady_step_ms")),
+        "project_cold_wall_seconds": recipe.get("cold_wall_seconds"),
+        "peer_cold_wall_seconds": peer_cold,
+        "cold_ratio": _ratio(recipe.get("cold_wall_seconds"), peer_cold),
     }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
 
 
 def describe_device(device: str) -> dict[str, Any]:
@@ -701,6 +773,14 @@ def render_markdown(result: dict[str, Any]) -> str:
                 "",
                 f"Project minus peer: {-versus['points_behind_peer']:+.2f} points of test accuracy; time ratio "
                 f"project/peer {_cell(versus['time_ratio'], 3)}.",
+                "",
+                f"Warm, a steady step after the first epoch: project {_cell(versus['project_steady_step_ms'], 2)} ms "
+                f"(metrics.json steady_step_ms), peer {_cell(versus['peer_steady_step_ms'], 2)} ms (its epoch rows "
+                f"after the first, over {PEER_TOTAL_STEPS - PEER_STEPS_PER_EPOCH} steps); ratio "
+                f"{_cell(versus['warm_step_ratio'], 3)}.",
+                f"Cold, a fresh process from start to exit: project {_cell(versus['project_cold_wall_seconds'], 1)} s "
+                f"(its first seed), peer {_cell(versus['peer_cold_wall_seconds'], 1)} s (WARMUP=0 RUNS=1); ratio "
+                f"{_cell(versus['cold_ratio'], 3)}.",
             ]
     failing = [("tests", tests), *recipes.items(), ("benchmark", bench)]
     failing += [("peer", peer)] if peer and "returncode" in peer else []
