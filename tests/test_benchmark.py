@@ -125,3 +125,12 @@ def test_augmenting_each_epoch_takes_a_dozen_operations_off_the_step_of_both_pat
     (ours_batch, plain_batch), (ours_epoch, plain_epoch) = counts["batch"], counts["epoch"]
     assert ours_epoch <= ours_batch - 12 and plain_epoch <= plain_batch - 12, counts
     assert plain_epoch <= ours_epoch <= plain_epoch + FRAMEWORK_OPS, counts
+
+
+def test_every_path_runs_with_augmentation_each_epoch_the_torchvision_one_per_image(tiny_data, tmp_path):
+    """The torchvision path transforms each image in its workers: it runs data.augment_each=epoch's augmentation
+    per image instead of refusing the setting midway through the benchmark."""
+    extra = ["data=cifar10", "model=resnet8", "data.augment_each=epoch", "count_ops_steps=0"]
+    result = benchmark(bench_config(tiny_data, tmp_path, "device=cpu", *extra))
+    assert all(result[f"{path}_images_per_second"] > 0 for path in ("lightning", "plain", "torchvision"))
+    assert result["same_work"]["augment_each"] == "epoch"

@@ -165,6 +165,18 @@ def test_problems_name_failed_tests_failed_parts_and_tests_skipped_on_a_gpu():
     assert "tests: 1 skipped on a GPU machine" not in problems(result)
 
 
+def test_problems_name_a_cold_peer_run_that_failed_or_was_left_out():
+    result = fake_result()
+    peer = {"returncode": 0, "timed_out": False, "log": "logs/peer.log", "runs": [{"test_acc": 0.9, "seconds": 3.0}]}
+    cold = {"returncode": 1, "timed_out": False, "log": "logs/peer_cold.log", "test_acc": None}
+    result["peer"] = {**peer, "cold": cold}
+    assert "peer, cold run: exit code 1, no result (see logs/peer_cold.log)" in problems(result)
+    result["peer"]["cold"] = {"not_run": "4 s of the peer's budget left"}
+    assert "peer, cold run: not run (4 s of the peer's budget left)" in problems(result)
+    result["peer"]["cold"] = {**cold, "returncode": 0, "test_acc": 0.9}
+    assert not [line for line in problems(result) if line.startswith("peer")]
+
+
 def run_check(*args: str) -> subprocess.CompletedProcess:
     """scripts/gpu_check.py as a GPU machine runs it: not installed, the package found through PYTHONPATH=src.
 
@@ -374,6 +386,8 @@ def test_the_peers_table_gives_each_timed_run_without_its_warm_up_run():
     assert parse_peer_epochs(out) == [[1.0, 2.0], [1.0]]  # each timed run's epoch rows, cumulative seconds
     warm_up_later = out.replace("|  warmup  |", "|  spare  |").replace("|       1  |", "|  warmup  |")
     assert parse_peer_epochs(warm_up_later) == [[1.0], [1.0, 2.0]]  # a warm-up's rows join no timed run
+    cut_off = out[: out.rindex("|       1  |")] + "|       1  |      0  |  2.0  |  0.3  |  0.2  |     |  1.0000  |\n"
+    assert parse_peer_epochs(cut_off) == [[1.0, 2.0]]  # a run without its eval row: fewer steps than counted
     # the steps after the first epoch: ceil(48 x 9.9) = 476 in all, 48 in the first
     assert peer_steady_step_ms([1.0, 2.0]) == pytest.approx(1000 / 428) and peer_steady_step_ms([1.0]) is None
 

@@ -83,6 +83,26 @@ def test_the_steady_step_time_leaves_out_the_first_epoch_and_names_its_steps(tin
     assert metrics["steady_step_ms"] * 2 * BATCHES / 1000 <= metrics["train_seconds"] - sum(durations.steps[:BATCHES])
 
 
+def test_the_epochs_augmentation_done_as_its_first_batch_is_fetched_counts_in_the_training_seconds(
+    tiny_data, tmp_path, monkeypatch
+):
+    """data.augment_each=epoch crops and flips the whole epoch when the loader serves its first batch, before the
+    first step's hooks: that work is the steps' own, as it is in airbench94's timed epochs."""
+    from cnnlab.data.tensor_loader import BatchTransform
+
+    original = BatchTransform.augment
+
+    def slow_epoch_pass(self, x, *args):
+        if len(x) > 32:  # the whole shard, not a batch of data.batch_size=32
+            time.sleep(0.5)
+        return original(self, x, *args)
+
+    monkeypatch.setattr(BatchTransform, "augment", slow_epoch_pass)
+    durations = StepDurations()
+    metrics = train(compose_config(short(tiny_data, "data=cifar10", "data.augment_each=epoch"), tmp_path), [durations])
+    assert metrics["train_seconds"] >= 2 * 0.5 + sum(durations.steps)  # both epochs' passes and every step
+
+
 def test_a_run_of_one_epoch_has_no_steady_step_time(tiny_data, tmp_path):
     metrics = train(compose_config(short(tiny_data, "trainer.max_epochs=1"), tmp_path))
     assert metrics["steady_step_ms"] is None and metrics["warmup_steps"] == BATCHES
@@ -102,10 +122,20 @@ def test_a_resumed_run_reports_the_seconds_and_images_per_second_of_the_whole_ru
     assert resumed["train_seconds"] >= clock_state["seconds"] + sum(durations.steps) - 2e-3  # metrics round to 1 ms
     images = 2 * BATCHES * 32  # both epochs' batches of data.batch_size=32
     assert resumed["train_images_per_second"] == pytest.approx(images / resumed["train_seconds"], rel=0.01)
-    # the first epoch's steps stay its warm-up; the second, run after the resume, is the steady part
-    assert resumed["warmup_steps"] == BATCHES and clock_state["steady_batches"] == 0
-    assert 1000 * sum(durations.steps) / BATCHES <= resumed["steady_step_ms"]
-    assert resumed["steady_step_ms"] * BATCHES / 1000 <= resumed["train_seconds"] - clock_state["seconds"] + 2e-3
+    # each process's first epoch is a warm-up (the resumed process autotunes and fills its caches again): here both
+    assert resumed["warmup_steps"] == 2 * BATCHES and resumed["steady_step_ms"] is None
+
+
+def test_a_resumed_process_times_its_epochs_after_its_first_as_steady(tiny_data, tmp_path):
+    train(compose_config(short(tiny_data, "trainer.max_epochs=1"), tmp_path))
+    durations = StepDurations()
+    resumed = train(compose_config(short(tiny_data, "trainer.max_epochs=3",
+                                         f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"), tmp_path),
+                    [SlowFirstEpoch(0.25), durations])  # fmt: skip
+    # epoch 1 is the first process's warm-up and epoch 2 (slowed here, as a fresh process's first epoch is) the
+    # resumed process's; only epoch 3 is steady
+    assert resumed["warmup_steps"] == 2 * BATCHES and len(durations.steps) == 2 * BATCHES
+    assert 1000 * sum(durations.steps[BATCHES:]) / BATCHES <= resumed["steady_step_ms"] < 250
 
 
 def test_each_job_of_a_sweep_reports_its_own_wall_time(tiny_data, tmp_path):
@@ -203,5 +233,5 @@ def test_the_final_table_shows_the_steady_step_time_where_a_run_has_one(tiny_dat
 
     metrics = train(compose_config(short(tiny_data, "data.val_size=0"), tmp_path))
     rows = dict(summary_rows(metrics))
-    assert rows["steady step"] == f"{metrics['steady_step_ms']:.1f} ms (after the first epoch's {BATCHES})"
+    assert rows["steady step"] == f"{metrics['steady_step_ms']:.1f} ms ({BATCHES} warm-up steps left out)"
     assert "steady step" not in dict(summary_rows({**metrics, "steady_step_ms": None}))

@@ -74,7 +74,7 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
         ("steps", f"{metrics['global_step']:,}"),
         ("training time", f"{metrics['train_seconds']:.1f} s (steps only)"),
         *(
-            [("steady step", f"{metrics['steady_step_ms']:.1f} ms (after the first epoch's {metrics['warmup_steps']})")]
+            [("steady step", f"{metrics['steady_step_ms']:.1f} ms ({metrics['warmup_steps']} warm-up steps left out)")]
             if metrics.get("steady_step_ms") is not None
             else []
         ),

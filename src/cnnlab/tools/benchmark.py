@@ -110,6 +110,7 @@ def lightning_fit(cfg: DictConfig, loader: str, watch: L.Callback) -> L.Lightnin
         cfg.data.loader = loader
         if loader == "torchvision":
             cfg.data.num_workers = cfg.torchvision_workers
+            cfg.data.augment_each = "batch"  # per image in its workers: the torchvision path has no epoch pass
     L.seed_everything(cfg.seed, verbose=False)
     datamodule = build_datamodule(cfg)
     classifier = build_classifier(cfg)
@@ -258,6 +259,7 @@ def throughput(cfg: DictConfig) -> dict[str, Any]:
     result["device"] = str(device)
     result["same_work"] = {  # what (a) and (b) both do per step
         "augment": transform.augments,
+        "augment_each": str(cfg.data.get("augment_each", "batch")),
         "normalize_on_device": True,
         "precision": str(cfg.trainer.precision),
         "channels_last": bool(cfg.channels_last),

@@ -190,20 +190,24 @@ def parse_peer_output(text: str) -> list[dict[str, float]]:
 
 
 def parse_peer_epochs(text: str) -> list[list[float]]:
-    """Each timed run's epoch rows' cumulative seconds (total_time_seconds; the first row's include the whitening
-    set-up), in order, its warm-up run left out."""
+    """Each finished timed run's epoch rows' cumulative seconds (total_time_seconds; the first row's include the
+    whitening set-up), in order: its warm-up run and a run cut off before its final `eval` row left out (its steps
+    would be fewer than the steady figure divides by)."""
     runs: list[list[float]] = []
-    label = ""
+    rows: list[float] | None = None  # the rows of the timed run being read
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) < 7 or cells[1] in ("epoch", ""):
             continue
         if cells[0]:
-            label = cells[0]
-            if label != "warmup":
-                runs.append([])
-        if cells[1] != "eval" and label != "warmup" and runs:  # the warm-up run's rows belong to no timed run
-            runs[-1].append(float(cells[6]))
+            rows = [] if cells[0] != "warmup" else None
+        if rows is None:
+            continue
+        if cells[1] == "eval":
+            runs.append(rows)
+            rows = None
+        else:
+            rows.append(float(cells[6]))
     return runs
 
 
@@ -451,7 +455,12 @@ class Check:
             self.result["peer"] = run
             self.save()
             left = self.time_left("peer") - (time.perf_counter() - started)
-            run["cold"] = self.run_peer_cold(cifar, left) if run["returncode"] == 0 else None
+            if run["returncode"] != 0 or run["timed_out"]:
+                run["cold"] = None
+            elif left < 10:
+                run["cold"] = {"not_run": f"{left:.0f} s of the peer's budget left"}
+            else:
+                run["cold"] = self.run_peer_cold(cifar, left)
         finally:
             shutil.rmtree(copy, ignore_errors=True)  # 180 MB the peer no longer needs (it keeps its own tensor copy)
 
@@ -616,6 +625,12 @@ def problems(result: dict[str, Any]) -> list[str]:
     runs += [("peer", peer)] if peer and "returncode" in peer else []
     if peer and "returncode" in peer and peer["returncode"] == 0 and not peer["runs"]:
         found.append(f"peer: no result found in its output (see {peer['log']})")
+    cold = (peer or {}).get("cold") or {}
+    if "not_run" in cold:
+        found.append(f"peer, cold run: not run ({cold['not_run']})")
+    elif cold and (cold["timed_out"] or cold["returncode"] != 0 or cold.get("test_acc") is None):
+        why = "timed out" if cold["timed_out"] else f"exit code {cold['returncode']}, no result"
+        found.append(f"peer, cold run: {why} (see {cold['log']})")
     for name, run in runs:
         if run and (run["timed_out"] or run["returncode"] != 0):
             why = "timed out" if run["timed_out"] else f"exit code {run['returncode']}"
