@@ -151,6 +151,22 @@ def test_torchvision_weights_under_two_processes_are_downloaded_once(tmp_path):
     assert len(list((tmp_path / "torch" / "hub" / "checkpoints").iterdir())) == 1
 
 
+def test_a_machine_lock_reached_again_while_held_goes_on_instead_of_waiting_for_itself(tmp_path):
+    import threading
+
+    from cnnlab.machine_lock import machine_lock
+
+    def nested() -> None:
+        with machine_lock("decode", tmp_path), machine_lock("decode", tmp_path / "."):
+            done.append(True)
+
+    done: list[bool] = []
+    worker = threading.Thread(target=nested, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert done == [True]  # a second lock object on the same file would wait for the first forever
+
+
 # --- the NaN check's read decision ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(("device", "free"), [("cpu", True), ("cuda", False), ("cuda:1", False), ("mps", False)])
 def test_the_nan_check_reads_the_loss_every_step_on_the_cpu_and_only_there(device, free):
