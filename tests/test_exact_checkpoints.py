@@ -172,6 +172,8 @@ SETTINGS = {
     "step saves dividing the epoch": [f"{STEP_SAVES}=8"],
     "accumulation 2, a save every step": [ACCUMULATE_2, f"{STEP_SAVES}=1"],
     "accumulation 2, a save every 3 steps": [ACCUMULATE_2, f"{STEP_SAVES}=3"],
+    # both rules' momentum buffers (Muon's on the filters, SGD's on the rest) come back with last.ckpt
+    "muon, accumulation 2, a save every 3 steps": ["optimizer=muon", ACCUMULATE_2, f"{STEP_SAVES}=3"],
 }
 
 
@@ -185,6 +187,9 @@ def test_a_run_killed_after_a_step_and_resumed_ends_exactly_as_an_uninterrupted_
     assert 0 < last(tmp_path / "run")["global_step"] < killed_at
     resume(tiny_data, tmp_path / "run", *extra)
     assert_same_training_state(last(tmp_path / "run"), last(tmp_path / "ref"))
+    if "muon" in setting:
+        buffers = last(tmp_path / "run")["optimizer_states"][0]["state"].values()
+        assert {b["momentum_buffer"].ndim for b in buffers} == {1, 2, 4}  # Muon's filters, SGD's biases and head
     assert (
         load(tmp_path / "run" / "checkpoints" / "best.ckpt")["epoch"]
         == load(tmp_path / "ref" / "checkpoints" / "best.ckpt")["epoch"]

@@ -22,7 +22,7 @@ REQUIRED_HPARAMS = ("model", "optimizer", "data")
 ALLOWED_TARGETS = {
     "model": ("cnnlab.models.",),
     "data": ("cnnlab.data.",),
-    "optimizer": ("torch.optim.", "cnnlab.training.param_groups."),
+    "optimizer": ("torch.optim.", "cnnlab.training.param_groups.", "cnnlab.training.muon."),
     "scheduler": ("torch.optim.lr_scheduler.", "cnnlab.training.schedules."),
 }
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6 is a zip archive

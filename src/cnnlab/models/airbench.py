@@ -69,6 +69,8 @@ class AirbenchNet(nn.Module):
         bn_eps: BatchNorm's epsilon.
         bn_weight_trainable: False keeps every BatchNorm weight at 1 (airbench94); the biases train either way.
         logit_scale: the logits are multiplied by this; a small scale makes the untrained network less confident.
+        head_std: None keeps torch's initialization of the head; a number rescales the head's weights to this
+            standard deviation (airbench94_muon: 1, with logit_scale 1/256).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class AirbenchNet(nn.Module):
         bn_eps: float = 1e-12,
         bn_weight_trainable: bool = False,
         logit_scale: float = 1 / 9,
+        head_std: float | None = None,
     ) -> None:
         super().__init__()
         w1, w2, w3 = widths
@@ -97,6 +100,9 @@ class AirbenchNet(nn.Module):
         self.pool = GlobalMaxPool2d()
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(w3, num_classes, bias=False)
+        if head_std is not None:
+            with torch.no_grad():
+                self.fc.weight.mul_(head_std / self.fc.weight.std())
         self.logit_scale = logit_scale
 
     @torch.no_grad()

@@ -1,7 +1,9 @@
 """Patch whitening of a model's first layer from the training images, set once when a run starts."""
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from torch import Tensor
 from torch.optim import Optimizer
 
 from cnnlab.errors import UserError
@@ -29,10 +31,25 @@ class PatchWhitening(L.Callback):
     would have to survive every scheduler's rewrite of the rates; the dropped gradient costs only its own reduction.
     Lookahead's next pull-back after bias_epochs sets the bias to its slow average, once, as airbench94's does (its
     slow copy still lags the last trained steps); from then on both stay fixed.
+
+    bias_rate="to_zero" gives the bias a rate of its own, airbench94_muon's: falling linearly from its group's base
+    rate at the first step to 0 at the end of bias_epochs, whatever the schedule does to the rest of its group. torch
+    sets rates per parameter group, and the bias shares its group with the other 1-D parameters; so the callback
+    rescales the bias's update after each step by (its own rate) / (the group's rate at that step). For torch's SGD
+    that is exact: the momentum buffer does not depend on the rate, so a step of rate r moves the bias by r x buffer.
     """
 
-    def __init__(self, num_images: int = 5000, eps: float = 5e-4, bias_epochs: int = 3) -> None:
-        self.num_images, self.eps, self.bias_epochs = num_images, eps, bias_epochs
+    def __init__(
+        self, num_images: int = 5000, eps: float = 5e-4, bias_epochs: int = 3, bias_rate: str = "schedule"
+    ) -> None:
+        if bias_rate not in ("schedule", "to_zero"):
+            raise UserError(
+                f"callbacks.whitening.bias_rate={bias_rate!r} is not 'schedule' (the bias follows its parameter "
+                "group's rate) or 'to_zero' (its rate falls linearly to 0 at the end of bias_epochs). Fix it in "
+                "configs/callbacks/whitening or on the command line."
+            )
+        self.num_images, self.eps, self.bias_epochs, self.bias_rate = num_images, eps, bias_epochs, bias_rate
+        self._before_step: tuple[Tensor, float] | None = None  # the bias before this step, and its update's factor
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         model = pl_module.model
@@ -66,5 +83,20 @@ class PatchWhitening(L.Callback):
                 average.module.model.whiten.weight.data.copy_(pl_module.model.whiten.weight.data)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
+        bias = pl_module.model.whiten.bias
         if trainer.current_epoch >= self.bias_epochs:
-            pl_module.model.whiten.bias.grad = None  # the optimizer skips it: no momentum, no weight decay
+            bias.grad = None  # the optimizer skips it: no momentum, no weight decay
+        elif self.bias_rate == "to_zero" and bias.grad is not None:
+            group = next(g for g in optimizer.param_groups if any(p is bias for p in g["params"]))
+            bias_steps = self.bias_epochs * trainer.estimated_stepping_batches / trainer.max_epochs
+            own_rate = group.get("initial_lr", group["lr"]) * max(0.0, 1 - trainer.global_step / bias_steps)
+            self._before_step = (bias.detach().clone(), own_rate / group["lr"] if group["lr"] else 0.0)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        if self._before_step is None:
+            return  # no step in this batch (gradient accumulation), or the bias follows the schedule
+        before, factor = self._before_step
+        bias = pl_module.model.whiten.bias
+        with torch.no_grad():
+            bias.copy_(before + (bias - before) * factor)
+        self._before_step = None
