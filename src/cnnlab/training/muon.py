@@ -18,7 +18,7 @@ What torch.optim.Muon cannot do here, and so this class adds:
 """
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from torch.optim._muon import EPS, _adjust_lr, _zeropower_via_newtonschulz
 from torch.optim.sgd import sgd
 
 from cnnlab.errors import UserError
+from cnnlab.training.param_groups import as_groups
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's defaults (its DEFAULT_A, _B, _C)
 
@@ -130,7 +131,6 @@ def muon_sgd(
     sgd_weight_decay: float = 5e-4,
     sgd_bias_weight_decay: float | None = None,
     foreach: bool | None = None,
-    norm_biases: Sequence[Tensor] = (),
 ) -> MuonSGD:
     """MuonSGD over params (tensors, or groups with an `lr_scale`), routed by shape: every 4-D parameter (a
     convolution's filters) to Muon at lr; the 1-D ones (biases, normalization weights) to SGD at sgd_bias_lr with
@@ -138,7 +138,6 @@ def muon_sgd(
 
     Each group's `lr_scale` (fine-tuning's backbone_lr_scale) multiplies all three rates; a group's `lr_scale` is
     also set to its rate over lr, so a one-cycle schedule (whose max_lr follows optimizer.lr) keeps the ratios.
-    norm_biases is accepted for make_optimizer's sake and not needed: the 1-D rule covers them.
     """
     if adjust_lr_fn not in (None, "original", "match_rms_adamw", "spectral_unclamped"):
         raise UserError(
@@ -161,10 +160,8 @@ def muon_sgd(
         (lambda p: p.ndim == 1, {**other, "lr": bias_lr, "weight_decay": bias_decay}),
         (lambda p: p.ndim not in (1, 4), {**other, "lr": sgd_lr, "weight_decay": sgd_weight_decay}),
     ]
-    params = list(params)
-    incoming = [dict(g) for g in params] if params and isinstance(params[0], dict) else [{"params": params}]
     groups = []
-    for group in incoming:
+    for group in as_groups(params):
         scale = group.get("lr_scale", 1.0)
         tensors = list(group["params"])
         for picks, settings in rules:

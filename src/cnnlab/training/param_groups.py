@@ -44,6 +44,12 @@ def make_optimizer(optimizer: dict[str, Any], params: Iterable[Any], model: nn.M
     return partial(params, **filled)
 
 
+def as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
+    """params as parameter groups (copies of the dicts given, or one group of the tensors given)."""
+    params = list(params)
+    return [dict(g) for g in params] if params and isinstance(params[0], dict) else [{"params": params}]
+
+
 def split_norm_biases(
     params: Iterable[Any],
     norm_biases: Sequence[Tensor],
@@ -58,8 +64,7 @@ def split_norm_biases(
     `lr_scale` (the factor make_scheduler applies to a one-cycle peak) is multiplied in too, so that a schedule that
     sets rates from its own peak keeps the ratio.
     """
-    params = list(params)
-    groups = [dict(g) for g in params] if params and isinstance(params[0], dict) else [{"params": params}]
+    groups = as_groups(params)
     is_norm_bias = {id(p) for p in norm_biases}
     split = []
     for group in groups:
