@@ -252,13 +252,23 @@ PYTHON_BLOCKS = {  # (page, section) -> the folder a block runs in, and the repl
 }
 
 
+def reads_a_folder(args: list[str]) -> bool:
+    """Whether a command trains on data=folder, given on its command line or by the experiment it names."""
+    if "data=folder" in args:
+        return True
+    experiments = [a.split("=", 1)[1] for a in args if a.startswith("experiment=")]
+    return any(
+        "override /data: folder" in (REPO / "configs" / "experiment" / f"{e}.yaml").read_text() for e in experiments
+    )
+
+
 def tiny_overrides(script: str, args: list[str]) -> list[str]:
     keys = {a.split("=", 1)[0] for a in args}
     if script == "train.py" and keys & {"resume", "ckpt_path"}:
         return []  # the run's own (tiny) overrides are replayed
     if script not in TINY_SCRIPT or "--cfg" in args:
         return []
-    offline = [] if "data=folder" in args else ["data.download=false"]  # the folder config has no download key
+    offline = [] if reads_a_folder(args) else ["data.download=false"]  # the folder config has no download key
     return [*TINY_RUN, *offline, *TINY_SCRIPT[script]]
 
 

@@ -174,6 +174,14 @@ SETTINGS = {
     "accumulation 2, a save every 3 steps": [ACCUMULATE_2, f"{STEP_SAVES}=3"],
     # both rules' momentum buffers (Muon's on the filters, SGD's on the rest) come back with last.ckpt
     "muon, accumulation 2, a save every 3 steps": ["optimizer=muon", ACCUMULATE_2, f"{STEP_SAVES}=3"],
+    # the same images after the kill: per-image policy and erasing from the epoch's stream, mixing by batch count
+    "augmentation, a save every 3 steps": [
+        "data.policy=trivial_augment_wide",
+        "data.erasing=0.5",
+        "data.mixup_alpha=0.2",
+        "data.cutmix_alpha=1.0",
+        f"{STEP_SAVES}=3",
+    ],
 }
 
 

@@ -6,6 +6,7 @@ transforms behind a DataLoader; the general path and the reference the tensor pa
 """
 
 import hashlib
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
+from torchvision.transforms import v2
 
+from cnnlab.data.erasing import ERASING_RATIO, ERASING_SCALE, check_erasing, cutout_image
+from cnnlab.data.mixing import BatchMixing, check_mixing
+from cnnlab.data.policies import check_policy_settings, per_image_stage, per_image_transforms
 from cnnlab.data.tensor_loader import (
+    AUGMENT,
     AUGMENT_EACH,
     FLIPS,
     PAD_MODES,
@@ -25,6 +30,7 @@ from cnnlab.data.tensor_loader import (
     EpochSampler,
     TensorLoader,
     flip_mode,
+    stream_seed,
 )
 from cnnlab.errors import UserError
 
@@ -57,7 +63,7 @@ def check_augmentation(flip: str, crop_pad_mode: str, loader: str, augment_each:
 class ImageTensorDataset(Dataset):
     """Images held as a uint8 N x C x H x W tensor, served one PIL image at a time through torchvision transforms."""
 
-    def __init__(self, images: Tensor, labels: Tensor, transform: transforms.Compose) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, transform: v2.Compose) -> None:
         self.images, self.labels, self.transform = images, labels, transform
 
     def __len__(self) -> int:
@@ -93,6 +99,16 @@ class ImageDataModule(L.LightningDataModule):
         flip: bool | str = False,
         augment_each: str = "batch",
         drop_last: bool = False,
+        policy: str = "none",
+        policy_magnitude: int | None = None,
+        random_resized_crop: bool = False,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        crop_ratio: tuple[float, float] = (0.75, 4 / 3),
+        interpolation: str = "bilinear",
+        erasing: float = 0.0,
+        cutout_size: int = 0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
         download: bool = True,
         num_classes: int | None = 10,
         image_shape: tuple[int, int, int] = (1, 28, 28),
@@ -113,6 +129,19 @@ class ImageDataModule(L.LightningDataModule):
         check_augmentation(self.flip, crop_pad_mode, loader, augment_each)
         self.drop_last = drop_last
         self.num_classes, self.image_shape = num_classes, tuple(image_shape)
+        check_policy_settings(policy, policy_magnitude, interpolation, random_resized_crop, crop_scale, crop_ratio)
+        check_erasing(erasing, cutout_size, self.image_shape)
+        check_mixing(mixup_alpha, cutmix_alpha)
+        if random_resized_crop and augment and crop_padding:
+            raise UserError(
+                "data.random_resized_crop=true crops each training image at random already; with data.augment=true "
+                f"and data.crop_padding={crop_padding} it would be cropped twice. Set data.crop_padding=0 (data.augment"
+                " then only flips), or data.random_resized_crop=false."
+            )
+        self.policy, self.policy_magnitude, self.interpolation = policy, policy_magnitude, interpolation
+        self.random_resized_crop, self.crop_scale, self.crop_ratio = random_resized_crop, crop_scale, crop_ratio
+        self.erasing, self.cutout_size = erasing, cutout_size
+        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         # None: found in the files by discover() (a folder's classes and pixel statistics, CIFAR-100's class names).
         self.mean = tuple(mean) if mean is not None else None
         self.std = tuple(std) if std is not None else None
@@ -181,6 +210,10 @@ class ImageDataModule(L.LightningDataModule):
             if self.loader == "tensor":
                 device = self.trainer.strategy.root_device
         self.rank, self.world_size = rank, world_size
+        if self.loader == "torchvision" and world_size > 1 and self.num_workers == 0:
+            # Per-image transforms then run in this process, from torch's global generator, which every rank seeded
+            # alike: seeded by rank here, so that ranks augment differently (workers are seeded by loader_seed).
+            torch.manual_seed(self.loader_seed(rank))
         self.discover()  # a DataModule built without train() (tests, notebooks) finds its values here
         self.splits = {split: (x.to(device), y.to(device)) for split, (x, y) in self.load_splits().items()}
         if self.trainer is not None and not len(self.splits["val"][1]):
@@ -238,9 +271,7 @@ class ImageDataModule(L.LightningDataModule):
 
     # --- loaders --------------------------------------------------------------------------------------------------
     def train_dataloader(self):
-        self.train_loader = self._loader(
-            "train", self.batch_size, shuffle=True, augment=self.augment, drop_last=self.drop_last
-        )
+        self.train_loader = self._loader("train", self.batch_size, shuffle=True, augment=True, drop_last=self.drop_last)
         if isinstance(self.train_loader, TensorLoader) and getattr(self, "train_loader_state", None):
             self.train_loader.load_state_dict(self.train_loader_state)
             self.train_loader_state = None
@@ -255,21 +286,72 @@ class ImageDataModule(L.LightningDataModule):
     def predict_dataloader(self):
         return self.test_dataloader()
 
-    def batch_transform(self, augment: bool) -> BatchTransform:
-        """The tensor path's normalization (and augmentation when asked), on whole batches."""
-        flip = self.flip if augment else "none"
-        return BatchTransform(self.mean, self.std, self.crop_padding if augment else 0, flip, self.crop_pad_mode)
+    def per_image_steps(self) -> list[v2.Transform]:
+        """The training images' per-image steps (random-resized crop, policy), torchvision v2 transforms."""
+        return per_image_transforms(
+            self.image_shape[1:],
+            self.random_resized_crop,
+            self.crop_scale,
+            self.crop_ratio,
+            self.policy,
+            self.policy_magnitude,
+            self.interpolation,
+        )
 
-    def image_transform(self, augment: bool) -> transforms.Compose:
-        """The torchvision path's per-image transforms, equivalent to batch_transform."""
-        steps: list = []
-        if augment and self.crop_padding:
+    def batch_transform(self, augment: bool) -> BatchTransform:
+        """The tensor path's normalization, and for training images (`augment`) their augmentation, on whole batches.
+
+        augment=False is the evaluation transform: validation, the test stage, eval, predict and export use it.
+        """
+        if not augment:
+            return BatchTransform(self.mean, self.std, 0, "none", self.crop_pad_mode)
+        return BatchTransform(
+            self.mean,
+            self.std,
+            self.crop_padding if self.augment else 0,
+            self.flip if self.augment else "none",
+            self.crop_pad_mode,
+            per_image=per_image_stage(self.per_image_steps()),
+            erasing=self.erasing,
+            cutout_size=self.cutout_size,
+        )
+
+    def image_transform(self, augment: bool) -> v2.Compose:
+        """The torchvision path's per-image transforms, equivalent to batch_transform (PIL images or uint8 tensors)."""
+        steps: list = self.per_image_steps() if augment else []
+        if augment and self.augment and self.crop_padding:
             mode = {"zeros": "constant", "reflect": "reflect"}[self.crop_pad_mode]
-            steps.append(transforms.RandomCrop(self.image_shape[1:], padding=self.crop_padding, padding_mode=mode))
-        if augment and self.flip == "random":  # alternating is refused on this path (check_augmentation)
-            steps.append(transforms.RandomHorizontalFlip())
-        steps += [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
-        return transforms.Compose(steps)
+            steps.append(v2.RandomCrop(self.image_shape[1:], padding=self.crop_padding, padding_mode=mode))
+        if augment and self.augment and self.flip == "random":  # alternating is refused here (check_augmentation)
+            steps.append(v2.RandomHorizontalFlip())
+        steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+        if augment and self.erasing:
+            steps.append(v2.RandomErasing(p=self.erasing, scale=ERASING_SCALE, ratio=ERASING_RATIO, value=0))
+        if augment and self.cutout_size:
+            steps.append(v2.Lambda(partial(cutout_image, size=self.cutout_size)))
+        steps.append(v2.ToPureTensor())
+        return v2.Compose(steps)
+
+    def mixing(self) -> BatchMixing:
+        """MixUp / CutMix of training batches (mixing.py), none when both alphas are 0."""
+        return BatchMixing(self.mixup_alpha, self.cutmix_alpha, self.num_classes or 0, self.seed)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches on the device are mixed (MixUp / CutMix) into images and soft targets; others pass."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training or not (self.mixup_alpha or self.cutmix_alpha):
+            return batch
+        if getattr(self, "batch_mixing", None) is None:
+            self.batch_mixing = self.mixing()
+        images, labels = batch
+        # Batches served before this one in the whole run (a resumed run's count comes back with its checkpoint).
+        before = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        return self.batch_mixing(images, labels, before, trainer.global_rank)
+
+    def loader_seed(self, rank: int) -> int:
+        """The torchvision loader's seed on rank: the run's seed on rank 0 (as before ranks were told apart), a
+        stream of its own on each other rank, so that their DataLoader workers augment differently."""
+        return self.seed if rank == 0 else stream_seed(self.seed, 0, AUGMENT, rank)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool, augment: bool, drop_last: bool = False):
         images, labels = self.splits[split]
@@ -279,6 +361,7 @@ class ImageDataModule(L.LightningDataModule):
             transform = self.batch_transform(augment)
             return TensorLoader(images, labels, batch_size, sampler, transform, drop_last, self.augment_each)
         dataset = ImageTensorDataset(images, labels, self.image_transform(augment))
+        rank = getattr(self, "rank", 0)
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -286,5 +369,6 @@ class ImageDataModule(L.LightningDataModule):
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            # Seeds the order and each worker's augmentation stream; by rank, so that DDP ranks augment differently.
+            generator=torch.Generator().manual_seed(self.loader_seed(rank)) if shuffle else None,
         )

@@ -7,11 +7,13 @@ epoch of a small network on the usual Dataset/DataLoader path.
 """
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from cnnlab.data.erasing import cutout, random_erasing
 
 ORDER, AUGMENT = 0, 1  # the two random streams of an epoch: the data order and the augmentations
 FIRST_FLIPS = 2  # the stream of the run's one draw of which images alternating flip mirrors in even epochs
@@ -96,11 +98,13 @@ class EpochSampler:
 
 
 class BatchTransform:
-    """uint8 batch -> normalized float batch, with optional random crop (zero or reflect padding) and horizontal flip.
+    """uint8 batch -> normalized float batch, with optional augmentation of each image.
 
-    Matches torchvision's RandomCrop(size, padding, padding_mode) + RandomHorizontalFlip + ToTensor + Normalize per
-    image. flip: "none", "random" (each image with probability 1/2) or "alternating" (the caller says which images,
-    see first_epoch_flips); true and false stand for random and none.
+    Matches torchvision's [per-image steps] + RandomCrop(size, padding, padding_mode) + RandomHorizontalFlip +
+    ToTensor + Normalize + RandomErasing per image. flip: "none", "random" (each image with probability 1/2) or
+    "alternating" (the caller says which images, see first_epoch_flips); true and false stand for random and none.
+    per_image: policies.per_image_stage's random-resized crop and policy; erasing: the probability of random erasing;
+    cutout_size: the side of cutout's square in pixels (erasing.py).
     """
 
     def __init__(
@@ -110,10 +114,15 @@ class BatchTransform:
         crop_padding: int = 0,
         flip: bool | str = False,
         crop_pad_mode: str = "zeros",
+        per_image: Callable[[Tensor, torch.Generator | None], Tensor] | None = None,
+        erasing: float = 0.0,
+        cutout_size: int = 0,
     ) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
         self.crop_padding, self.flip, self.crop_pad_mode = crop_padding, flip_mode(flip), crop_pad_mode
+        self.per_image, self.erasing, self.cutout_size = per_image, erasing, cutout_size
+        self.fill = self.mean.flatten().round().clamp(0, 255).to(torch.uint8)  # the mean colour: 0 once normalized
         self.positions: dict[tuple, tuple[Tensor, ...]] = {}  # crop_positions' index tensors, by size and device
         if self.flip not in FLIPS or crop_pad_mode not in PAD_MODES:
             raise ValueError(
@@ -125,7 +134,7 @@ class BatchTransform:
 
         A copy from host memory to a GPU makes the host wait for it; done once here, not once per batch.
         """
-        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        self.mean, self.std, self.fill = self.mean.to(device), self.std.to(device), self.fill.to(device)
         return self
 
     def crop_positions(self, h: int, w: int, device: torch.device) -> tuple[Tensor, ...]:
@@ -144,15 +153,24 @@ class BatchTransform:
 
     @property
     def augments(self) -> bool:
-        return self.crop_padding > 0 or self.flip != "none"
+        return (
+            self.crop_padding > 0
+            or self.flip != "none"
+            or self.per_image is not None
+            or self.erasing > 0
+            or self.cutout_size > 0
+        )
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None, flips: Tensor | None = None) -> Tensor:
         """Augment and normalize x; flips (B bools) says which images to mirror under alternating flip."""
         return self.normalize(self.augment(x, generator, flips))
 
     def augment(self, x: Tensor, generator: torch.Generator | None = None, flips: Tensor | None = None) -> Tensor:
-        """The random crop and flip of a uint8 batch, kept uint8 (one byte a value: a whole epoch fits where the
-        images do); the identity where the transform does not augment."""
+        """The augmentation of a uint8 batch, kept uint8 (one byte a value: a whole epoch fits where the images do):
+        the per-image stage (random-resized crop, policy), the padded random crop, the flip, then erasing and cutout;
+        the identity where the transform does not augment."""
+        if self.per_image is not None:
+            x = self.per_image(x, generator)
         b, _, h, w = x.shape
         if self.crop_padding:
             p = self.crop_padding
@@ -174,6 +192,10 @@ class BatchTransform:
             if flips is None:
                 raise ValueError("flip='alternating' needs the images' flips (first_epoch_flips); none were given.")
             x = torch.where(flips.view(b, 1, 1, 1), x.flip(3), x)
+        if self.erasing > 0:
+            x = random_erasing(x, self.erasing, self.fill.to(x.device), generator)
+        if self.cutout_size > 0:
+            x = cutout(x, self.cutout_size, self.fill.to(x.device), generator)
         return x
 
     def normalize(self, x: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ from cnnlab.commands.train import build_classifier, build_datamodule, build_trai
 from cnnlab.data.tensor_loader import BatchTransform, first_epoch_flips
 from cnnlab.errors import UserError
 from cnnlab.training.classifier import build_model, make_scheduler
+from cnnlab.training.param_groups import make_optimizer
 from cnnlab.training.step_clock import wait_for
 
 PATHS = ("lightning", "plain", "torchvision")
@@ -153,7 +154,7 @@ def plain_steps(
     model = model.to(memory_format=memory_format)
     if cfg.compile.enabled:
         model.compile(backend=cfg.compile.backend, mode=cfg.compile.mode)
-    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    optimizer = make_optimizer(plain(cfg.optimizer), model.parameters(), model)  # the groups path (a) makes
     scheduler = make_scheduler(plain(cfg.scheduler), optimizer, cfg.warmup_steps + cfg.steps)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     bf16 = str(cfg.trainer.precision).startswith("bf16")
@@ -234,7 +235,7 @@ def throughput(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup()
     train_images, train_labels = datamodule.splits["train"]
     images, labels = train_images.to(device), train_labels.to(device)  # uint8, as the tensor loader holds them
-    transform = datamodule.batch_transform(augment=bool(cfg.data.get("augment"))).to(device)
+    transform = datamodule.batch_transform(augment=True).to(device)  # the training transform the config asks for
     best: dict[str, float] = {}
     for _ in range(cfg.repeats):
         for path in cfg.compare:

@@ -104,7 +104,11 @@ class TrainingSums(Metric):
         self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")
 
     def update(self, loss: Tensor, logits: Tensor, target: Tensor) -> None:
+        """target: class indices (B,), or soft targets (B, K) of mixed images, whose largest share counts as the
+        label: training accuracy under MixUp / CutMix is against each image's dominant label."""
         # A NaN loss passes through: StopOnNonFiniteLoss stops the run at the step it appears.
+        if target.ndim == 2:
+            target = target.argmax(dim=1)
         self.loss_sum += loss.detach() * len(target)
         self.correct += (logits.detach().argmax(dim=1) == target).sum()
         self.count += len(target)

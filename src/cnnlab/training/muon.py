@@ -168,5 +168,7 @@ def muon_sgd(
             chosen = [p for p in tensors if picks(p)]
             if chosen:
                 rate = settings["lr"] * scale
-                groups.append({**settings, "params": chosen, "lr": rate, "lr_scale": rate / lr})
+                # A group's own weight decay (norm_weight_decay / bias_weight_decay, param_groups.decay_groups) wins.
+                decay = {"weight_decay": group["weight_decay"]} if "weight_decay" in group else {}
+                groups.append({**settings, "params": chosen, "lr": rate, "lr_scale": rate / lr, **decay})
     return MuonSGD(groups, foreach=foreach)

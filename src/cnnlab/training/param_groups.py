@@ -33,9 +33,20 @@ def norm_biases(model: nn.Module) -> list[Tensor]:
     return [m.bias for m in model.modules() if isinstance(m, NORM_LAYERS) and isinstance(m.bias, nn.Parameter)]
 
 
+DECAY_KEYS = ("norm_weight_decay", "bias_weight_decay")  # optimizer settings make_optimizer reads, for every optimizer
+
+
 def make_optimizer(optimizer: dict[str, Any], params: Iterable[Any], model: nn.Module) -> Optimizer:
     """The optimizer of a `_partial_` config over params (tensors or groups); model's normalization biases are
-    passed as `norm_biases` to a factory that takes them and whose config leaves them out."""
+    passed as `norm_biases` to a factory that takes them and whose config leaves them out.
+
+    An optimizer config's `norm_weight_decay` and `bias_weight_decay` (null: the optimizer's weight_decay) are read
+    here, not passed on: they split the parameters into groups of their own (decay_groups), whichever optimizer it is.
+    """
+    optimizer = dict(optimizer)
+    norm_decay, bias_decay = (optimizer.pop(key, None) for key in DECAY_KEYS)
+    if norm_decay is not None or bias_decay is not None:
+        params = decay_groups(params, model, norm_decay, bias_decay)
     # _convert_="all": plain lists (AdamW betas), so the optimizer state in a checkpoint loads with weights_only
     partial = instantiate(optimizer, _convert_="all")
     filled = {}
@@ -48,6 +59,36 @@ def as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
     """params as parameter groups (copies of the dicts given, or one group of the tensors given)."""
     params = list(params)
     return [dict(g) for g in params] if params and isinstance(params[0], dict) else [{"params": params}]
+
+
+def decay_groups(
+    params: Iterable[Any], model: nn.Module, norm_weight_decay: float | None, bias_weight_decay: float | None
+) -> list[dict[str, Any]]:
+    """Parameter groups in which every parameter of a normalization layer has weight decay norm_weight_decay and
+    every other layer's bias bias_weight_decay (None: left to the optimizer's weight_decay).
+
+    torchvision's classification reference offers the same two settings (--norm-weight-decay, --bias-weight-decay;
+    its recipes use 0 for both): weight decay shrinks a normalization layer's scale or a bias towards 0, which
+    regularizes nothing a following layer cannot undo. Each group keeps its other keys (a fine-tuning lr_scale).
+    """
+    norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    biases = {id(m.bias) for m in model.modules() if isinstance(getattr(m, "bias", None), nn.Parameter)}
+    kinds = [("norm", norm_weight_decay), ("bias", bias_weight_decay)]
+
+    def kind(p: Tensor) -> str:
+        return "norm" if id(p) in norm_params else "bias" if id(p) in biases else "rest"
+
+    split = []
+    for group in as_groups(params):
+        tensors = list(group["params"])
+        rest = [p for p in tensors if kind(p) == "rest" or dict(kinds)[kind(p)] is None]
+        if rest:
+            split.append({**group, "params": rest})
+        for name, decay in kinds:
+            chosen = [p for p in tensors if kind(p) == name and decay is not None]
+            if chosen:
+                split.append({**group, "params": chosen, "weight_decay": decay})
+    return split
 
 
 def split_norm_biases(

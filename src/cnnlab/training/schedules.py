@@ -1,5 +1,7 @@
 """Learning-rate schedules that torch.optim.lr_scheduler has no single class for."""
 
+import math
+
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -41,6 +43,51 @@ class LinearWarmupDecay(LRScheduler):
             return self.start_factor + (1 - self.start_factor) * step / peak
         done = (min(step, self.total_steps) - peak) / max(self.total_steps - peak, 1)
         return 1 + (self.end_factor - 1) * done
+
+    def get_lr(self) -> list[float]:
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return self.get_lr()
+
+
+class WarmupCosine(LRScheduler):
+    """Each group's rate rises linearly from start_factor x its base rate to the base rate over the first
+    int(warmup_fraction x total_steps) steps, then follows a half cosine down to end_factor x the base rate at
+    total_steps.
+
+    torchvision's classification reference builds this from LinearLR and CosineAnnealingLR under SequentialLR,
+    stepped per epoch (--lr-warmup-epochs, --lr-warmup-decay); SequentialLR takes scheduler objects, which a config
+    cannot hold, so it is one class here, stepped per batch, its state plain numbers.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        total_steps: int,
+        start_factor: float = 0.01,
+        warmup_fraction: float = 0.1,
+        end_factor: float = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
+        if total_steps < 1 or not 0 <= warmup_fraction < 1 or start_factor < 0 or end_factor < 0:
+            raise UserError(
+                f"scheduler: total_steps={total_steps}, warmup_fraction={warmup_fraction}, start_factor="
+                f"{start_factor}, end_factor={end_factor} do not make a schedule: total_steps must be at least 1, "
+                "warmup_fraction within [0, 1) and the factors 0 or more. Fix them in configs/scheduler or on the "
+                "command line."
+            )
+        self.total_steps, self.warmup_fraction = total_steps, warmup_fraction
+        self.start_factor, self.end_factor = start_factor, end_factor
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, step: int) -> float:
+        """The multiple of the base rate at step (the number of optimizer steps taken)."""
+        warmup = int(self.total_steps * self.warmup_fraction)
+        if step < warmup:
+            return self.start_factor + (1 - self.start_factor) * step / warmup
+        done = (min(step, self.total_steps) - warmup) / max(self.total_steps - warmup, 1)
+        return self.end_factor + (1 - self.end_factor) * 0.5 * (1 + math.cos(math.pi * done))
 
     def get_lr(self) -> list[float]:
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]
