@@ -131,20 +131,25 @@ def test_a_random_resized_crop_with_the_padded_crop_still_on_is_refused(tiny_dat
 
 
 # --- erasing and cutout ----------------------------------------------------------------------------------------------
-def test_random_erasing_of_a_batch_blanks_what_torchvisions_per_image_erasing_blanks_on_average():
+@pytest.mark.parametrize("shape", [(32, 32), (8, 32)])  # (8, 32): most tries do not fit, and are tried again
+def test_random_erasing_of_a_batch_blanks_what_torchvisions_per_image_erasing_blanks_on_average(shape):
     n, generator = 4000, torch.Generator().manual_seed(0)
-    ours = random_erasing(torch.zeros(n, 1, 32, 32), 0.5, torch.ones(1), generator)
+    ours = random_erasing(torch.zeros(n, 1, *shape), 0.5, torch.ones(1), generator)
     torch.manual_seed(0)
-    theirs = torch.stack([v2.RandomErasing(p=0.5, value=1)(torch.zeros(1, 32, 32)) for _ in range(n)])
+    theirs = torch.stack([v2.RandomErasing(p=0.5, value=1)(torch.zeros(1, *shape)) for _ in range(n)])
     ours_area, theirs_area = ours.mean((1, 2, 3)), theirs.mean((1, 2, 3))
     # About half the images erased, by 2-33% of their area: means within a few standard errors of torchvision's.
     assert float((ours_area > 0).float().mean()) == pytest.approx(float((theirs_area > 0).float().mean()), abs=0.04)
-    assert float(ours_area.mean()) == pytest.approx(float(theirs_area.mean()), abs=0.008)
+    assert float(ours_area.mean()) == pytest.approx(float(theirs_area.mean()), rel=0.06)
     erased = ours_area[ours_area > 0]
     assert erased.min() >= 0.015 and erased.max() <= 0.36  # round() of the sides can take the area past 2-33%
-    # Each rectangle is one axis-aligned box: its rows x columns is its area.
+    # Each rectangle is one axis-aligned box (its rows x columns is its area), placed anywhere it fits: as
+    # torchvision's, some touch each border of the image.
     rows, cols = ours.amax(3).sum((1, 2)), ours.amax(2).sum((1, 2))
     assert torch.equal(rows * cols, ours.sum((1, 2, 3)))
+    for axis in (2, 3):
+        touches = ours.amax(5 - axis)[:, 0]  # (n, length along axis): which rows (or columns) each box covers
+        assert touches[:, 0].sum() > 20 and touches[:, -1].sum() > 20
 
 
 def test_cutout_blanks_one_square_of_the_given_size_inside_every_image():
@@ -158,11 +163,16 @@ def test_cutout_blanks_one_square_of_the_given_size_inside_every_image():
     assert tops.min() == 0 and tops.max() == 32 - 12  # every placement inside the image is drawn
 
 
-def test_the_tensor_loader_erases_with_the_mean_colour_which_normalizes_to_zero(tiny_data, tmp_path):
-    dm = cifar_datamodule(tiny_data, tmp_path, "data.augment=false", "data.cutout_size=8", "data.erasing=1.0")
-    x = dm.train_dataloader().transform(dm.splits["train"][0][:64], torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("setting", ["data.erasing=1.0", "data.cutout_size=8"])
+def test_the_tensor_loader_erases_with_the_mean_colour_which_normalizes_to_zero(tiny_data, tmp_path, setting):
+    dm = cifar_datamodule(tiny_data, tmp_path, "data.augment=false", setting)
+    x = dm.train_dataloader().transform(dm.splits["train"][0][:200], torch.Generator().manual_seed(0))
     blank = (x.abs() < 0.5 / 255 / min(dm.std)).all(1)  # (B, H, W): pixels at the mean colour, within rounding
-    assert (blank.flatten(1).sum(1) >= 64).all()  # the 8x8 square at least, in every image
+    share = blank.flatten(1).float().mean(1)
+    if setting == "data.cutout_size=8":
+        assert (share >= 64 / 1024).all()  # the 8x8 square at least, in every image
+    else:
+        assert (share > 0).float().mean() > 0.9 and 0.12 < float(share[share > 0].mean()) < 0.22
 
 
 @pytest.mark.parametrize("setting", ["data.erasing=1.0", "data.cutout_size=8"])
@@ -305,6 +315,8 @@ def test_folder_finetune_runs_as_shipped_mixing_training_batches_only(tmp_path):
     assert metrics["status"] == "finished" and metrics["test_acc"] > 0
     assert len(recorder.train_labels) == 2 * math.ceil(240 / 32)
     assert all(t.ndim == 2 and torch.allclose(t.sum(1), torch.ones(len(t))) for t in recorder.train_labels)
+    shares = {round(float(t.amax(1).min()), 6) for t in recorder.train_labels}  # each batch's own mixing weights
+    assert len(shares) > len(recorder.train_labels) // 2
     assert recorder.val_labels and all(t.ndim == 1 and t.dtype == torch.int64 for t in recorder.val_labels)
 
 
