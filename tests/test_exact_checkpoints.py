@@ -174,6 +174,12 @@ SETTINGS = {
     "accumulation 2, a save every 3 steps": [ACCUMULATE_2, f"{STEP_SAVES}=3"],
     # both rules' momentum buffers (Muon's on the filters, SGD's on the rest) come back with last.ckpt
     "muon, accumulation 2, a save every 3 steps": ["optimizer=muon", ACCUMULATE_2, f"{STEP_SAVES}=3"],
+    "muon with adamw on the rest, a save every 3 steps": [
+        "optimizer=muon",
+        "optimizer.rest_rule=adamw",
+        "optimizer.sgd_lr=1e-3",
+        f"{STEP_SAVES}=3",
+    ],  # fmt: skip
     # the same images after the kill: per-image policy and erasing from the epoch's stream, mixing by batch count
     "augmentation, a save every 3 steps": [
         "data.policy=trivial_augment_wide",
@@ -196,8 +202,12 @@ def test_a_run_killed_after_a_step_and_resumed_ends_exactly_as_an_uninterrupted_
     resume(tiny_data, tmp_path / "run", *extra)
     assert_same_training_state(last(tmp_path / "run"), last(tmp_path / "ref"))
     if "muon" in setting:
-        buffers = last(tmp_path / "run")["optimizer_states"][0]["state"].values()
-        assert {b["momentum_buffer"].ndim for b in buffers} == {1, 2, 4}  # Muon's filters, SGD's biases and head
+        states = last(tmp_path / "run")["optimizer_states"][0]["state"].values()
+        if "adamw" in setting:  # Muon's buffers on the filters, AdamW's moments on the biases and the head
+            assert {s["momentum_buffer"].ndim for s in states if "momentum_buffer" in s} == {4}
+            assert {s["exp_avg"].ndim for s in states if "exp_avg" in s} == {1, 2}
+        else:
+            assert {s["momentum_buffer"].ndim for s in states} == {1, 2, 4}  # Muon's filters, SGD's biases and head
     assert (
         load(tmp_path / "run" / "checkpoints" / "best.ckpt")["epoch"]
         == load(tmp_path / "ref" / "checkpoints" / "best.ckpt")["epoch"]

@@ -111,6 +111,37 @@ def test_the_sgd_rule_steps_the_other_parameters_as_torch_sgd_does():
     assert not torch.equal(model[0].weight, twin[0].weight)  # the filters followed Muon, not SGD
 
 
+def test_the_adamw_rest_rule_steps_the_other_parameters_as_torch_adamw_does():
+    """rest_rule=adamw: the 1-D parameters and the head follow torch.optim.AdamW (decoupled weight decay) bit for
+    bit, each group at its own rate and decay, while the filters still follow Muon."""
+    model = conv_and_head()
+    twin = copy.deepcopy(model)
+    rates = {"sgd_lr": 1e-3, "sgd_bias_lr": 3e-3, "sgd_weight_decay": 0.05, "sgd_bias_weight_decay": 0.0}
+    adam = {"rest_rule": "adamw", "adamw_betas": (0.8, 0.95), "adamw_eps": 1e-6}
+    optimizer = muon_sgd(list(model.parameters()), lr=0.02, **rates, **adam)
+    biases = [p for p in twin.parameters() if p.ndim == 1]
+    reference = torch.optim.AdamW([{"params": biases, "lr": 3e-3, "weight_decay": 0.0},
+                                   {"params": [twin[3].weight], "lr": 1e-3, "weight_decay": 0.05}],
+                                  betas=(0.8, 0.95), eps=1e-6, foreach=False)  # fmt: skip
+    for seed in range(3):
+        generator = torch.Generator().manual_seed(seed)
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        optimizer.step()
+        reference.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        if p.ndim != 4:
+            assert torch.equal(p, q), name
+    assert not torch.equal(model[0].weight, twin[0].weight)  # the filters followed Muon, not AdamW
+    assert {len(optimizer.state[p]) for p in model.parameters() if p.ndim != 4} == {3}  # step, exp_avg, exp_avg_sq
+
+
+def test_an_unknown_rest_rule_is_refused_in_one_paragraph():
+    with pytest.raises(UserError, match="follow sgd .Nesterov SGD. or adamw"):
+        muon_sgd(list(conv_and_head().parameters()), lr=0.02, rest_rule="adam")
+
+
 @pytest.mark.parametrize(
     ("model", "extra"),
     [("lenet5", []), ("resnet8", []), ("resnet9", []), ("resnet18", []), ("resnet20", []), ("airbench", []),
