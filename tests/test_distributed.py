@@ -147,3 +147,18 @@ def test_the_slurm_launcher_configs_compose_with_the_plugin_installed(submitit_p
     if launcher == "slurm_ddp":  # each job sized from the trainer: 2 nodes x 4 processes, one GPU each
         assert (slurm["nodes"], slurm["tasks_per_node"], slurm["gpus_per_node"]) == (2, 4, 4)
     assert not list(tmp_path.iterdir())  # printing the config starts nothing
+
+
+def test_two_process_ddp_with_muon_and_augmentation_keeps_both_ranks_weights_identical(odd_mnist, tmp_path):
+    # Each rank mixes and augments its own batches differently; the all-reduced gradients then take Muon's
+    # orthogonalized step and SGD's step alike on both ranks, so their weights stay the same to the bit.
+    output = tmp_path / "probe"
+    probe = ["+callbacks.probe._target_=tests.ddp_helpers.TrainingStateProbe", f"+callbacks.probe.output={output}",
+             "+callbacks.probe.module=conv1"]  # fmt: skip
+    augment = ["data.policy=trivial_augment_wide", "data.erasing=0.5", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0"]
+    args = [*DDP_ON_CPU, f"data.data_dir={odd_mnist}", *TWO_EPOCHS, "optimizer=muon", *augment, *probe, "test=false"]
+    result = run_script("train", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((output / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["buffers"] == ranks[1]["buffers"] and ranks[0]["buffers"]["weight"]
+    assert len(ranks[0]["steps"]) == 8 and len(ranks[0]["steps"][0]["lrs"]) == 3  # Muon's, the biases', the head's
