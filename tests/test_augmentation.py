@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from cnnlab.commands.train import build_classifier, train
+from cnnlab.commands.validation import check_scheduler
 from cnnlab.data.erasing import cutout, random_erasing
 from cnnlab.data.mixing import BatchMixing
 from cnnlab.data.policies import POLICIES
@@ -23,7 +24,7 @@ from cnnlab.errors import UserError
 from cnnlab.training.classifier import TrainingSums
 from cnnlab.training.param_groups import NORM_LAYERS, make_optimizer
 from cnnlab.training.schedules import WarmupCosine
-from tests.conftest import compose_config, make_image_folder, quick_run
+from tests.conftest import REPO, compose_config, make_image_folder, quick_run
 
 
 def cifar_datamodule(tiny_data: Path, tmp_path: Path, *extra: str):
@@ -399,3 +400,21 @@ def test_warmup_cosine_rises_linearly_then_falls_along_a_half_cosine():
 def test_a_warmup_past_the_whole_run_is_refused():
     with pytest.raises(UserError, match="warmup_fraction within"):
         WarmupCosine(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), 10, warmup_fraction=1.0)
+
+
+@pytest.mark.parametrize("scheduler", ["none", "cosine"])
+def test_an_experiments_scheduler_settings_left_behind_by_another_scheduler_are_refused_before_data(
+    tmp_path, scheduler
+):
+    cfg = compose_config(["experiment=folder_finetune", f"scheduler={scheduler}", "data.data_dir=/no/such/folder"],
+                         tmp_path)  # fmt: skip
+    with pytest.raises(UserError, match="~scheduler.start_factor ~scheduler.warmup_fraction") as raised:
+        train(cfg)
+    assert "which takes no scheduler.start_factor, scheduler.warmup_fraction" in str(raised.value)
+    assert not list(tmp_path.iterdir())  # refused before the run wrote anything (or the missing folder was read)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml")))
+def test_every_shipped_experiments_scheduler_takes_the_settings_it_is_given(tmp_path, experiment):
+    cfg = compose_config([f"experiment={experiment}"], tmp_path)
+    check_scheduler(cfg)  # raises on a setting the scheduler does not take

@@ -1,12 +1,14 @@
 """Checks of a composed config before any work starts: each mistake becomes one UserError paragraph naming the key."""
 
 import importlib.util
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab.checkpoints.resume import check_checkpoint_fits, resume_command
@@ -230,6 +232,33 @@ def check_tta(cfg: DictConfig) -> None:
         )
 
 
+def check_scheduler(cfg: DictConfig) -> None:
+    """Refuse scheduler settings the chosen scheduler does not take: what an experiment set for its own scheduler
+    is left behind when the command line picks another (experiment=folder_finetune scheduler=none)."""
+    node = cfg.get("scheduler")
+    if not node:
+        return
+    settings = {k for k in node if not str(k).startswith("_")}
+    target = node.get("_target_")
+    if target is None:
+        taken: set[str] = set()
+    else:
+        try:
+            taken = set(inspect.signature(get_class(target)).parameters)
+        except Exception:  # a target that does not import is reported where it is built, with its own message
+            return
+    unknown = sorted(settings - taken - {"total_steps", "T_max"})
+    if unknown:
+        chosen = target.rsplit(".", 1)[-1] if target else "no scheduler (a constant rate)"
+        keys = ", ".join(f"scheduler.{k}" for k in unknown)
+        removal = " ".join(f"~scheduler.{k}" for k in unknown)
+        raise UserError(
+            f"The scheduler is {chosen}, which takes no {keys}: settings given for another scheduler (by an "
+            "experiment, or on the command line) that the scheduler chosen on the command line replaced. Keep "
+            f"the scheduler they belong to, or drop them: add {removal} to the command."
+        )
+
+
 @dataclass
 class SplitPlan:
     """What a run does where its data has no validation split or no test images, known before any data is read."""
@@ -271,6 +300,7 @@ def validate_config(cfg: DictConfig) -> None:
     check_logger_packages(cfg)
     check_numbers(cfg)
     check_tta(cfg)
+    check_scheduler(cfg)
     check_accelerator(cfg)
     check_paths(cfg)
     check_run_dir_unused(Path(cfg.run_dir), cfg.get("ckpt_path"), bool(cfg.get("overwrite")))
