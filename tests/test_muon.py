@@ -87,6 +87,21 @@ def test_a_muon_step_is_nesterov_momentum_orthogonalized_after_the_filters_are_n
     assert torch.equal(model[3].weight, conv_and_head()[3].weight)
 
 
+def assert_same_steps_off_the_filters(model, twin, optimizer, reference) -> None:
+    """Three steps of optimizer on model and reference on its twin, from the same random gradients: every parameter
+    but the 4-D filters ends bit-identical."""
+    for seed in range(3):
+        generator = torch.Generator().manual_seed(seed)
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        optimizer.step()
+        reference.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        if p.ndim != 4:
+            assert torch.equal(p, q), name
+
+
 def test_the_sgd_rule_steps_the_other_parameters_as_torch_sgd_does():
     """The 1-D parameters and the head follow torch.optim.SGD (Nesterov, coupled weight decay) bit for bit, each
     group at its own rate and decay."""
@@ -98,16 +113,7 @@ def test_the_sgd_rule_steps_the_other_parameters_as_torch_sgd_does():
     reference = torch.optim.SGD([{"params": biases, "lr": 0.3, "weight_decay": 0.0},
                                  {"params": [twin[3].weight], "lr": 0.1, "weight_decay": 1e-3}],
                                 momentum=0.85, nesterov=True)  # fmt: skip
-    for seed in range(3):
-        generator = torch.Generator().manual_seed(seed)
-        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-            p.grad = torch.randn(p.shape, generator=generator)
-            q.grad = p.grad.clone()
-        optimizer.step()
-        reference.step()
-    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
-        if p.ndim != 4:
-            assert torch.equal(p, q), name
+    assert_same_steps_off_the_filters(model, twin, optimizer, reference)
     assert not torch.equal(model[0].weight, twin[0].weight)  # the filters followed Muon, not SGD
 
 
@@ -123,16 +129,7 @@ def test_the_adamw_rest_rule_steps_the_other_parameters_as_torch_adamw_does():
     reference = torch.optim.AdamW([{"params": biases, "lr": 3e-3, "weight_decay": 0.0},
                                    {"params": [twin[3].weight], "lr": 1e-3, "weight_decay": 0.05}],
                                   betas=(0.8, 0.95), eps=1e-6, foreach=False)  # fmt: skip
-    for seed in range(3):
-        generator = torch.Generator().manual_seed(seed)
-        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-            p.grad = torch.randn(p.shape, generator=generator)
-            q.grad = p.grad.clone()
-        optimizer.step()
-        reference.step()
-    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
-        if p.ndim != 4:
-            assert torch.equal(p, q), name
+    assert_same_steps_off_the_filters(model, twin, optimizer, reference)
     assert not torch.equal(model[0].weight, twin[0].weight)  # the filters followed Muon, not AdamW
     assert {len(optimizer.state[p]) for p in model.parameters() if p.ndim != 4} == {3}  # step, exp_avg, exp_avg_sq
 

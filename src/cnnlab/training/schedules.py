@@ -8,7 +8,21 @@ from torch.optim.lr_scheduler import LRScheduler
 from cnnlab.errors import UserError
 
 
-class LinearWarmupDecay(LRScheduler):
+class FactorSchedule(LRScheduler):
+    """A per-step schedule that sets each group's rate to its base rate times factor(step), which a subclass
+    defines; the rate depends on the step alone, so the closed form is the same."""
+
+    def factor(self, step: int) -> float:
+        raise NotImplementedError
+
+    def get_lr(self) -> list[float]:
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return self.get_lr()
+
+
+class LinearWarmupDecay(FactorSchedule):
     """Each group's rate rises linearly from start_factor x its base rate to the base rate at step
     int(peak_fraction x total_steps), then falls linearly to end_factor x the base rate at total_steps.
 
@@ -44,14 +58,8 @@ class LinearWarmupDecay(LRScheduler):
         done = (min(step, self.total_steps) - peak) / max(self.total_steps - peak, 1)
         return 1 + (self.end_factor - 1) * done
 
-    def get_lr(self) -> list[float]:
-        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
 
-    def _get_closed_form_lr(self) -> list[float]:
-        return self.get_lr()
-
-
-class WarmupCosine(LRScheduler):
+class WarmupCosine(FactorSchedule):
     """Each group's rate rises linearly from start_factor x its base rate to the base rate over the first
     int(warmup_fraction x total_steps) steps, then follows a half cosine down to end_factor x the base rate at
     total_steps.
@@ -88,9 +96,3 @@ class WarmupCosine(LRScheduler):
             return self.start_factor + (1 - self.start_factor) * step / warmup
         done = (min(step, self.total_steps) - warmup) / max(self.total_steps - warmup, 1)
         return self.end_factor + (1 - self.end_factor) * 0.5 * (1 + math.cos(math.pi * done))
-
-    def get_lr(self) -> list[float]:
-        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
-
-    def _get_closed_form_lr(self) -> list[float]:
-        return self.get_lr()
